@@ -62,7 +62,9 @@ hashes the resolved config and lowrank's version), written atomically (temporary
 - ``model.pt``: the final ``state_dict`` (CPU tensors; load with ``torch.load(..., weights_only=True)``);
 - ``spectra.csv`` (only with ``settings.track_layers``): every layer's singular values after every epoch,
   tidy: ``epoch``, ``layer``, ``index`` (0 = largest), ``value``;
-- ``result.json``: test loss and accuracy, the config, versions, device; written last, it marks the run done.
+- ``result.json``: test loss and accuracy, the config, versions, device; written last, it marks the run done;
+- ``lock``: empty; a process training the run holds an exclusive ``flock`` on it (:func:`run_lock`), so
+  two processes asked for the same run train it once.
 
 While training, ``checkpoint.pt`` in the same folder holds the state after the last finished epoch (model,
 optimiser, history, RNG states); ``train`` resumes from it and deletes it when the run is done.
@@ -83,6 +85,7 @@ caller's global RNG state, are restored afterwards.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -111,7 +114,7 @@ from lowrank.optim import build_optimizer
 RESULTS_ENV = "LOWRANK_RESULTS"
 TIMING_COLUMNS = ("train_seconds", "epoch_seconds", "train_seconds_cum", "epoch_seconds_cum")
 HISTORY_FILE, MODEL_FILE, RESULT_FILE, CHECKPOINT_FILE = "history.csv", "model.pt", "result.json", "checkpoint.pt"
-SPECTRA_FILE = "spectra.csv"
+SPECTRA_FILE, LOCK_FILE = "spectra.csv", "lock"
 #: With ``settings.track_layers``: the number of training images (the first ones, in stored order) whose
 #: features give the ``nc1_*`` columns.
 FEATURE_SAMPLE = 2000
@@ -264,8 +267,43 @@ def train(
     if not force and (cached := load_result(config, results_dir)) is not None:
         return cached
     folder.mkdir(parents=True, exist_ok=True)
-    if force:
-        (folder / CHECKPOINT_FILE).unlink(missing_ok=True)
+    with run_lock(folder, hold=world.main):
+        if not force and (cached := load_result(config, results_dir)) is not None:
+            return cached  # another process trained it while this one waited for the lock
+        if force:
+            (folder / CHECKPOINT_FILE).unlink(missing_ok=True)
+        return _train(config, folder, world, progress, on_epoch, threads, data_root)
+
+
+@contextmanager
+def run_lock(folder: Path, hold: bool = True):
+    """Hold an exclusive lock on ``folder/lock`` (``flock``) for the block; wait while another process holds it.
+
+    Two processes asked for the same run (two figures sharing a model under ``report --jobs 2``) train it
+    once: the second waits, then reads the first one's result. The lock is released when its holder exits,
+    however it ends. ``hold=False`` (the non-writing processes of a torchrun group) takes no lock.
+    """
+    if not hold:
+        yield
+        return
+    with open(folder / LOCK_FILE, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _train(
+    config: ModelConfig,
+    folder: Path,
+    world: distributed.World,
+    progress: bool | None,
+    on_epoch: Callable[[dict[str, Any]], None] | None,
+    threads: int,
+    data_root: str | Path | None,
+) -> TrainingResult:
+    """The body of :func:`train` once the cache missed and the run's lock is held: train, resume, save."""
     show = sys.stderr.isatty() if progress is None else progress
     settings = config.settings
     device = resolve_device(settings.device)

@@ -1,6 +1,7 @@
 """The training manager: learning, history, resume, results cache, divergence (small nets, MNIST subsets)."""
 
 import json
+import multiprocessing
 
 import pandas as pd
 import pytest
@@ -148,6 +149,31 @@ def test_cached_result_is_returned_without_training(tmp_path, monkeypatch):
 
     with pytest.raises(AssertionError, match="trained although"):
         training.train(cfg, tmp_path, force=True)
+
+
+def _train_after_barrier(cfg, results_dir, barrier, answers) -> None:
+    """One of two processes asked for the same run at the same moment (run in a spawned process)."""
+    torch.set_num_threads(1)
+    barrier.wait()
+    result = training.train(cfg, results_dir)
+    answers.put((result.cached, result.test_accuracy))
+
+
+def test_two_processes_asked_for_the_same_run_train_it_once(tmp_path):
+    context = multiprocessing.get_context("spawn")
+    barrier, answers = context.Barrier(2), context.Queue()
+    cfg = model_config("dynamical", subset=500)
+    workers = [context.Process(target=_train_after_barrier, args=(cfg, tmp_path, barrier, answers)) for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    results = sorted(answers.get(timeout=300) for _ in workers)
+    for worker in workers:
+        worker.join(timeout=60)
+        assert worker.exitcode == 0
+    (first_cached, first_accuracy), (second_cached, second_accuracy) = results
+    assert (first_cached, second_cached) == (False, True)  # one trained, the other waited and read its result
+    assert first_accuracy == second_accuracy
+    assert not (training.run_dir(cfg, tmp_path) / training.CHECKPOINT_FILE).exists()
 
 
 def test_poisoned_batch_raises_a_clear_divergence_error(tmp_path, monkeypatch):
