@@ -80,19 +80,29 @@ def glue_results(prefix: str, results) -> None:
     """Glue each model's headline numbers for the book's prose, as ``{prefix}_{slug(name)}_{metric}``.
 
     Metrics: ``test_accuracy`` (%, 2 decimals), ``parameters``, ``compression`` (%, 1 decimal),
-    ``seconds`` (training time, :class:`Seconds`) and ``ranks`` (final ranks of the low-rank layers).
+    ``seconds`` (training time, :class:`Seconds`), and three lists over the hidden layers (every layer but
+    the output layer): ``ranks`` (final ranks), ``initial_ranks`` (ranks of the untrained network) and
+    ``max_ranks`` (the largest rank each may reach: ``r_max`` of a dynamical layer, the fixed rank of a
+    lowrank one, ``min(dims)`` of a dense one).
     """
     from myst_nb import glue
 
     for result in results:
         key = f"{prefix}_{slug(result.config.name)}"
-        last = result.history.iloc[-1]
-        ranks = [int(last[c]) for c in result.history.columns if c.startswith("rank_")][:-1]
+        first, last = result.history.iloc[0], result.history.iloc[-1]
+        hidden = [c for c in result.history.columns if c.startswith("rank_")][:-1]
         glue(f"{key}_test_accuracy", round(100 * result.test_accuracy, 2), display=False)
         glue(f"{key}_parameters", int(last["parameters"]), display=False)
         glue(f"{key}_compression", round(100 * float(last["compression"]), 1), display=False)
         glue(f"{key}_seconds", Seconds(last["train_seconds_cum"]), display=False)
-        glue(f"{key}_ranks", ranks, display=False)
+        glue(f"{key}_ranks", [int(last[c]) for c in hidden], display=False)
+        glue(f"{key}_initial_ranks", [int(first[c]) for c in hidden], display=False)
+        glue(f"{key}_max_ranks", [max_rank(layer) for layer in result.config.layers[:-1]], display=False)
+
+
+def max_rank(layer: cfg.LayerConfig) -> int:
+    """The largest rank ``layer`` can have: ``r_max`` (dynamical), ``rank`` (lowrank), ``min(dims)`` (dense)."""
+    return {"dynamical": layer.r_max, "lowrank": layer.rank}.get(layer.type, min(layer.dims))
 
 
 class FigureFailed(RuntimeError):

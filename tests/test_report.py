@@ -58,6 +58,47 @@ def test_glued_values_print_as_the_book_shows_them():
     assert report.slug("dynamical tau=0.1") == "dynamical_tau_0_1"
 
 
+def test_glue_results_gives_each_models_numbers_and_its_hidden_layers_ranks(monkeypatch):
+    import myst_nb
+    import pandas as pd
+
+    from lowrank.training import TrainingResult
+
+    model = config.loads(
+        """
+        [[layer]]
+        type = "dynamical"
+        dims = [784, 64]
+        rank = 32
+        r_max = 48
+        [[layer]]
+        type = "lowrank"
+        dims = [64, 64]
+        rank = 8
+        [[layer]]
+        type = "dense"
+        dims = [64, 10]
+        activation = "identity"
+        """,
+        "dlrt net.toml",
+    ).models[0]
+    history = pd.DataFrame({
+        "epoch": [0, 1], "parameters": [1000, 900], "compression": [0.5, 0.55], "train_seconds_cum": [0.0, 3.25],
+        "rank_0": [32, 20], "rank_1": [8, 8], "rank_2": [10, 10],
+    })
+    result = TrainingResult(model, history, test_loss=0.1, test_accuracy=0.98765, model=None, path=Path("."))
+    glued = {}
+    monkeypatch.setattr(myst_nb, "glue", lambda key, value, display=True: glued.__setitem__(key, value))
+    report.glue_results("fig_z", [result])
+    key = f"fig_z_{report.slug(model.name)}"
+    assert glued[f"{key}_test_accuracy"] == 98.77
+    assert (glued[f"{key}_parameters"], glued[f"{key}_compression"]) == (900, 55.0)
+    assert repr(glued[f"{key}_seconds"]) == "3.2 s"
+    assert glued[f"{key}_ranks"] == [20, 8]
+    assert glued[f"{key}_initial_ranks"] == [32, 8]
+    assert glued[f"{key}_max_ranks"] == [48, 8]
+
+
 def test_a_failing_figure_names_its_executed_notebook_and_stops(tmp_path):
     notebooks = tmp_path / "notebooks"
     (notebooks / "configs").mkdir(parents=True)
