@@ -19,10 +19,12 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 import tomllib
 from collections.abc import Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -222,14 +224,29 @@ def execute(figure: Figure, quick: bool, force: bool, results_dir: Path, progres
     figure.output.parent.mkdir(parents=True, exist_ok=True)
     parameters = {"config": str(figure.config.resolve()), "quick": quick, "force": force, "results_dir": str(results_dir)}
     try:
-        papermill.execute_notebook(
-            figure.notebook, figure.output, parameters=parameters, kernel_name="python3",
-            cwd=str(figure.notebook.parent), progress_bar=False,
-        )
+        with kernel_sockets() as config:
+            papermill.execute_notebook(
+                figure.notebook, figure.output, parameters=parameters, kernel_name="python3",
+                cwd=str(figure.notebook.parent), progress_bar=False, config=config,
+            )
     except papermill.PapermillExecutionError as error:
         raise FigureFailed(f"{figure.name} failed; the executed notebook with the traceback is {figure.output}\n{error}") from None
     hide_parameter_cells(figure.output)
     return figure.output
+
+
+@contextmanager
+def kernel_sockets():
+    """A traitlets ``Config`` under which a notebook's kernel talks to its client over Unix sockets.
+
+    Jupyter's default transport is TCP on localhost, readable by any local user and announced by a
+    warning of every ipykernel; with ``KernelManager.transport = "ipc"`` the sockets are files named
+    ``<ip>-<port>`` in a private temporary folder, removed when the block ends.
+    """
+    from traitlets.config import Config
+
+    with tempfile.TemporaryDirectory(prefix="lowrank-kernel-") as folder:
+        yield Config({"KernelManager": {"transport": "ipc", "ip": str(Path(folder) / "kernel")}})
 
 
 def hide_parameter_cells(path: Path) -> None:
@@ -360,7 +377,9 @@ def refresh_notebooks(root: Path = Path("."), only: Iterable[str] = ()) -> list[
             continue
         print(f"{figure.name}: executing {figure.notebook}", flush=True)
         notebook = nbformat.read(figure.notebook, as_version=4)
-        NotebookClient(notebook, kernel_name="python3", resources={"metadata": {"path": str(figure.notebook.parent)}}).execute()
+        with kernel_sockets() as config:
+            NotebookClient(notebook, kernel_name="python3", resources={"metadata": {"path": str(figure.notebook.parent)}},
+                           config=config).execute()
         nbformat.write(notebook, figure.notebook)
         refreshed.append(figure.notebook)
     return refreshed

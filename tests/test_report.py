@@ -99,6 +99,15 @@ def test_glue_results_gives_each_models_numbers_and_its_hidden_layers_ranks(monk
     assert glued[f"{key}_max_ranks"] == [48, 8]
 
 
+def test_kernels_talk_over_unix_sockets_in_a_private_folder_removed_afterwards():
+    with report.kernel_sockets() as kernel_config:
+        settings = kernel_config.KernelManager
+        folder = Path(settings.ip).parent
+        assert settings.transport == "ipc" and folder.is_dir()
+        assert folder.stat().st_mode & 0o077 == 0  # private: no access for group or others
+    assert not folder.exists()
+
+
 def test_a_failing_figure_names_its_executed_notebook_and_stops(tmp_path):
     notebooks = tmp_path / "notebooks"
     (notebooks / "configs").mkdir(parents=True)
