@@ -63,8 +63,8 @@ hashes the resolved config and lowrank's version), written atomically (temporary
 - ``spectra.csv`` (only with ``settings.track_layers``): every layer's singular values after every epoch,
   tidy: ``epoch``, ``layer``, ``index`` (0 = largest), ``value``;
 - ``result.json``: test loss and accuracy, the config, versions, device; written last, it marks the run done;
-- ``lock``: empty; a process training the run holds an exclusive ``flock`` on it (:func:`run_lock`), so
-  two processes asked for the same run train it once.
+- ``lock`` (only while the run is not done): empty; the process training the run holds an exclusive
+  ``flock`` on it (:func:`run_lock`), so two processes asked for the same run train it once.
 
 While training, ``checkpoint.pt`` in the same folder holds the state after the last finished epoch (model,
 optimiser, history, RNG states); ``train`` resumes from it and deletes it when the run is done.
@@ -272,7 +272,10 @@ def train(
             return cached  # another process trained it while this one waited for the lock
         if force:
             (folder / CHECKPOINT_FILE).unlink(missing_ok=True)
-        return _train(config, folder, world, progress, on_epoch, threads, data_root)
+        result = _train(config, folder, world, progress, on_epoch, threads, data_root)
+        if world.main:  # the result is written: a later process finds it before it looks for the lock
+            (folder / LOCK_FILE).unlink(missing_ok=True)
+        return result
 
 
 @contextmanager
