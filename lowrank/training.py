@@ -272,10 +272,7 @@ def train(
             return cached  # another process trained it while this one waited for the lock
         if force:
             (folder / CHECKPOINT_FILE).unlink(missing_ok=True)
-        result = _train(config, folder, world, progress, on_epoch, threads, data_root)
-        if world.main:  # the result is written: a later process finds it before it looks for the lock
-            (folder / LOCK_FILE).unlink(missing_ok=True)
-        return result
+        return _train(config, folder, world, progress, on_epoch, threads, data_root)
 
 
 @contextmanager
@@ -283,16 +280,20 @@ def run_lock(folder: Path, hold: bool = True):
     """Hold an exclusive lock on ``folder/lock`` (``flock``) for the block; wait while another process holds it.
 
     Two processes asked for the same run (two figures sharing a model under ``report --jobs 2``) train it
-    once: the second waits, then reads the first one's result. The lock is released when its holder exits,
-    however it ends. ``hold=False`` (the non-writing processes of a torchrun group) takes no lock.
+    once: the second waits, then reads the first one's result. A block that ends normally has written the
+    result, so the lock file is removed before the lock is released (a process that comes later finds the
+    result first); one that raises leaves it for the next attempt. The lock is released however the block
+    ends, its holder's exit included. ``hold=False`` (the non-writing processes of a torchrun group) takes no lock.
     """
     if not hold:
         yield
         return
-    with open(folder / LOCK_FILE, "a") as handle:
+    path = folder / LOCK_FILE
+    with open(path, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
+            path.unlink(missing_ok=True)
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
