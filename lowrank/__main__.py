@@ -156,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "are reused from the results cache), then run `jb build book/`. Run from the repository root.")
     p.add_argument("--quick", action="store_true",
                    help=f"train on {report.QUICK['subset']} images for {report.QUICK['num_epochs']} epochs "
-                        "(a fast end-to-end check)")
+                        f"in {report.QUICK['dtype']} (a fast end-to-end check; the notebooks' stored outputs)")
     p.add_argument("--force", action="store_true", help="retrain every model even if a cached result exists")
     p.add_argument("--jobs", type=int, default=1, metavar="N", help="figures executed in parallel (default: 1)")
     p.add_argument("--only", nargs="+", metavar="FIGURE", default=(), help="run only these figures, e.g. fig_a")

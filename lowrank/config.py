@@ -44,6 +44,7 @@ INITS = ("kaiming", "normal", "spectral", "spectral-ones")
 FACTORIZATIONS = ("usv", "uv")
 OPTIMIZERS = ("sgd", "adam")
 DEVICES = ("cpu", "cuda", "auto")
+DTYPES = ("float32", "float64")
 INTEGRATORS = ("kls", "single-pass")
 # (inputs, classes) of each dataset: the first layer takes the inputs, the last gives the classes.
 DATASETS = {"mnist": (784, 10), "fashion-mnist": (784, 10)}
@@ -78,6 +79,12 @@ class Settings:
     dataset: str = option("mnist", "training and test images", choices=tuple(DATASETS))
     subset: int | None = option(None, "train on N training images drawn with the seed; unset = all", min=1)
     device: str = option("cpu", "where to train; auto = cuda if available", choices=DEVICES)
+    dtype: str = option(
+        "float32",
+        "floating-point type of weights, data and steps; float64 makes results independent of the CPU's "
+        "kernels to the digits shown (the quick regression runs use it)",
+        choices=DTYPES,
+    )
     integrator: str = option(
         "kls",
         "DLRT step: kls = classic, an extra forward/backward for the S-step; "

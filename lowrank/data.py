@@ -471,7 +471,7 @@ class Splits(NamedTuple):
         return f"Splits({sizes}, batch_size={self.train.sampler.batch_size})"
 
 
-def _loader(x: np.ndarray, y: np.ndarray, batch_size: int, device: str | torch.device,
+def _loader(x: np.ndarray, y: np.ndarray, batch_size: int, device: str | torch.device, dtype: torch.dtype,
             shuffle_seed: int | None) -> DataLoader:
     """A loader over tensors on `device` that yields (x, y) batches, each gathered in one indexing.
 
@@ -479,7 +479,7 @@ def _loader(x: np.ndarray, y: np.ndarray, batch_size: int, device: str | torch.d
     epochs' orders are the same in every run, reseeding or restoring `loader.generator` sets the next
     epoch's order, and iterating never draws from torch's global random state.
     """
-    data = TensorDataset(torch.tensor(x, device=device), torch.tensor(y, device=device))
+    data = TensorDataset(torch.tensor(x, device=device, dtype=dtype), torch.tensor(y, device=device))
     generator = torch.Generator()
     if shuffle_seed is None:
         order = SequentialSampler(data)
@@ -490,7 +490,8 @@ def _loader(x: np.ndarray, y: np.ndarray, batch_size: int, device: str | torch.d
 
 
 def loaders(dataset: str = "mnist", batch_size: int = 232, seed: int = 0, subset: int | None = None,
-            root: str | Path | None = None, device: str | torch.device = "cpu") -> Splits:
+            root: str | Path | None = None, device: str | torch.device = "cpu",
+            dtype: torch.dtype = torch.float32) -> Splits:
     """Train, validation and test loaders of `dataset`, each split held whole as tensors on `device`.
 
     Args:
@@ -503,8 +504,10 @@ def loaders(dataset: str = "mnist", batch_size: int = 232, seed: int = 0, subset
             size, so scores stay comparable across subset sizes.
         root: a folder of IDX files to read instead of the cache (see `load_arrays`).
         device: where the tensors live, e.g. "cuda".
+        dtype: the floating-point type of the images (float64 for runs whose outputs are compared
+            across machines, see `lowrank.config.Settings.dtype`).
 
-    Each batch is a pair x float32 (B, 784), y int64 (B,).
+    Each batch is a pair x `dtype` (B, 784), y int64 (B,).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -516,9 +519,9 @@ def loaders(dataset: str = "mnist", batch_size: int = 232, seed: int = 0, subset
         index = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(seed))[:subset].numpy()
         train_x, train_y = train_x[index], train_y[index]
     return Splits(
-        train=_loader(train_x, train_y, batch_size, device, shuffle_seed=seed),
-        val=_loader(arrays["val_x"], arrays["val_y"], batch_size, device, shuffle_seed=None),
-        test=_loader(arrays["test_x"], arrays["test_y"], batch_size, device, shuffle_seed=None),
+        train=_loader(train_x, train_y, batch_size, device, dtype, shuffle_seed=seed),
+        val=_loader(arrays["val_x"], arrays["val_y"], batch_size, device, dtype, shuffle_seed=None),
+        test=_loader(arrays["test_x"], arrays["test_y"], batch_size, device, dtype, shuffle_seed=None),
     )
 
 

@@ -12,8 +12,10 @@ Initialisations (``init=``):
 
 ``"kaiming"``
     the default that trains well with ReLU. Dense: ``W_ij ~ N(0, 2 / n_in)``. Factorised: ``U`` and ``V``
-    random orthonormal columns and ``S = sqrt(2 n_out / r) I``, so that ``||W||_F^2 = 2 n_out`` as for the
-    dense Kaiming matrix (``E||W||_F^2 = n_in n_out * 2 / n_in``).
+    random orthonormal columns and ``S_ij ~ N(0, 2 n_out / r^2)``, so that ``E||W||_F^2 = 2 n_out`` as for
+    the dense Kaiming matrix (``E||W||_F^2 = n_in n_out * 2 / n_in``). ``S`` is a Gaussian matrix, not
+    ``c I``: its singular values spread over ``[0, ~2 sqrt(2 n_out / r)]`` (quarter-circle law) with gaps of
+    order ``||S|| / r``, so no truncation has to choose among equal singular values by rounding.
 ``"normal"``
     the seed study's plain ``N(0, 1)`` entries for every weight factor (kept to reproduce it).
     Dynamical layers orthonormalise ``U`` and ``V`` (QR) since DLRT needs orthonormal bases.
@@ -69,10 +71,9 @@ def initial_factors(
             torch.randn(out_features, rank, **factory),
         )
     if init == "kaiming":
-        scale = math.sqrt(2.0 * out_features / rank)
         return (
             random_orthonormal(in_features, rank, **factory),
-            torch.eye(rank, **factory) * scale,
+            torch.randn(rank, rank, **factory) * (math.sqrt(2.0 * out_features) / rank),
             random_orthonormal(out_features, rank, **factory),
         )
     p, sigma, qt = torch.linalg.svd(kaiming_dense(in_features, out_features, **factory), full_matrices=False)
@@ -362,10 +363,10 @@ class LowRank(_Affine):
     def reset_parameters(self) -> None:
         u, s, v = initial_factors(self.in_features, self.out_features, self.rank, self.init)
         with torch.no_grad():
-            if self.S is None:  # balance S between the two factors: U S^{1/2}, V S^{1/2}
-                root = torch.diagonal(s).abs().sqrt() if self.init != "normal" else torch.ones(self.rank)
-                u, v = u * root, v * root
-            else:
+            if self.S is None and self.init != "normal":  # S = A diag(sigma) B^T: U A sigma^{1/2}, V B sigma^{1/2}
+                left, sigma, right_t = torch.linalg.svd(s)
+                u, v = (u @ left) * sigma.sqrt(), (v @ right_t.T) * sigma.sqrt()
+            if self.S is not None:
                 self.S.copy_(s)
             self.U.copy_(u)
             self.V.copy_(v)

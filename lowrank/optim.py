@@ -12,10 +12,12 @@ gradient ``G = dL/dW`` (never formed: the layer's backward pass leaves ``G V`` a
    ``(I - U U^T) D_K``, where ``K = U S - h D_K`` (``D_K`` the update direction, ``G V`` for plain SGD): since
    ``U S`` lies in ``span(U)``, ``span([K, U]) = span([U, D_K])``, and this basis keeps ``U`` as its first
    ``r`` columns, so that ``M = [I; 0]``, ``N = [I; 0]`` and ``S_hat = [[S, 0], [0, 0]]`` need no products.
-   ``K`` itself is never formed. See :func:`augmented_basis` for how ``Q_U`` stays orthogonal to ``U``.
+   ``K`` itself is never formed. ``Q_U`` holds only the numerically independent new directions (possibly
+   fewer than ``r``); see :func:`augmented_basis`.
 3. S-step: ``S_hat <- S_hat - h U_hat^T G(U_hat S_hat V_hat^T) V_hat``.
 4. Rank-adaptive only: truncate ``S_hat = P diag(d) Q^T`` to the smallest ``r1`` with
-   ``||d[r1:]|| <= tau ||d||``, clamped to ``[r_min, r_max]``;
+   ``||d[r1:]|| <= tau ||d||``, clamped to ``[r_min, r_max]`` and moved to the edge of a cluster of nearly
+   equal singular values (within :data:`CLUSTER_RTOL`), so that rounding never chooses among them;
    ``U = U_hat P_r1``, ``S = diag(d[:r1])``, ``V = V_hat Q_r1``.
 
 ``G V`` and ``G^T U`` are the exact gradients of the loss with respect to ``K`` (``W = K V^T``) and ``L``
@@ -76,6 +78,10 @@ BASIS_STATES = ("project", "reset")
 # Rank-adaptive steps check (and restore) the orthonormality of U and V every this many steps; the drift of
 # a step is ~2-3 eps in float32, so between checks U^T U - I stays below ~30 eps.
 ORTHONORMALITY_CHECK_INTERVAL = 4
+# Singular values within this fraction of each other are one cluster, kept or dropped whole by the
+# truncation (truncated_rank): rounding of relative size eps then moves the kept part by at most about
+# eps / 1e-2 (1e-5 for float32's 1e-7), however close the singular values inside the cluster are.
+CLUSTER_RTOL = 1e-2
 
 
 def orthonormal_basis(columns: Tensor) -> Tensor:
@@ -86,25 +92,32 @@ def orthonormal_basis(columns: Tensor) -> Tensor:
 def augmented_basis(u: Tensor, directions: Tensor) -> Tensor:
     """Orthonormal ``Q`` with ``[U, Q]`` an orthonormal basis of ``span([U, D])``, for ``U`` with orthonormal columns.
 
-    ``U`` ``(n, r)``, ``D`` ``(n, k)``; returns ``(n, min(k, n - r))``. One Gram-Schmidt projection
-    ``P = D - U (U^T D)``, a Householder QR ``P = Q R`` (``n x k``: a quarter of the work of the QR of
-    ``[D, U]``), and a second projection ``Q <- Q - U (U^T Q)``. The QR of ``P`` alone leaves ``U^T Q`` of size
-    ``eps ||D|| / sigma_min(P)``; the second projection brings it to ``eps`` and moves ``Q^T Q`` away from the
-    identity only by ``||U^T Q||^2`` (it is skipped when ``max |U^T Q| <= 4 eps`` already, the usual case). When
-    ``P`` is numerically rank-deficient (``max |U^T Q| > 1e-3``, or ``k > n - r``), ``Q`` is taken from the
-    Householder QR of ``[U, P]`` instead.
+    ``U`` ``(n, r)``, ``D`` ``(n, k)``; returns ``(n, k')`` with ``k' <= min(k, n - r)`` the numerical rank of the
+    new part of ``D``. Steps: two Gram-Schmidt projections ``P = (I - U U^T)^2 D`` (the second brings
+    ``U^T P`` from ``eps ||D|| ||U^T D||`` to ``eps ||D||``), a Householder QR ``P = Q_P R``, and the SVD
+    ``R = A diag(sigma) B^T`` of the small ``R`` (float64), so that ``P = (Q_P A) diag(sigma) B^T``. Only the
+    columns of ``Q_P A`` with ``sigma_i > max(n, k) eps ||D||_F`` are kept: the others are rounding.
+
+    Why not all ``k`` columns: when ``P`` is numerically rank-deficient (a batch smaller than the rank, a
+    direction that lies in ``span(U)``), the columns of a QR basis beyond its numerical rank are set by
+    rounding, and the S-step gives them gradient (``U_hat^T G V_hat`` is not zero on them): two
+    factorisations of the same ``W``, or two CPUs, would then take different steps (measured: 1e-3 relative
+    in ``W`` after three steps at ``tau = 0``, in float32 and float64 alike). A last projection
+    ``Q <- Q - U (U^T Q)`` (skipped when ``max |U^T Q| <= 4 eps``, the usual case) keeps ``[U, Q]``
+    orthonormal to ``O(eps)``.
     """
-    r = u.shape[1]
+    r, n = u.shape[1], u.shape[0]
     p = torch.addmm(directions, u, u.T @ directions, alpha=-1)
-    if directions.shape[1] <= u.shape[0] - r:
-        q = torch.linalg.qr(p).Q
-        overlap = u.T @ q
-        largest = float(torch.linalg.vector_norm(overlap, float("inf")))
-        if largest <= 4 * torch.finfo(q.dtype).eps:
-            return q
-        if largest <= 1e-3:
-            return torch.addmm(q, u, overlap, alpha=-1)
-    return torch.linalg.qr(torch.cat([u, p], 1)).Q[:, r : min(u.shape[0], r + directions.shape[1])]
+    p = torch.addmm(p, u, u.T @ p, alpha=-1)
+    q, upper = torch.linalg.qr(p)
+    left, sigma, _ = robust_svd(upper)
+    noise = max(n, directions.shape[1]) * torch.finfo(directions.dtype).eps
+    kept = min(int((sigma > noise * float(torch.linalg.matrix_norm(directions))).sum()), n - r)
+    q = q @ left[:, :kept]
+    overlap = u.T @ q
+    if kept and float(torch.linalg.vector_norm(overlap, float("inf"))) > 4 * torch.finfo(q.dtype).eps:
+        q = torch.addmm(q, u, overlap, alpha=-1)
+    return q
 
 
 def restore_orthonormality(u: Tensor, s: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -134,27 +147,50 @@ def restore_orthonormality(u: Tensor, s: Tensor, v: Tensor) -> tuple[Tensor, Ten
     return u, s, v
 
 
-def truncated_rank(singular_values: Tensor, tau: float, r_min: int, r_max: int) -> int:
-    """Smallest ``r1`` with ``||d[r1:]||_2 <= tau ||d||_2``, clamped to ``[r_min, min(r_max, len(d))]``.
+def truncated_rank(singular_values: Tensor, tau: float, r_min: int, r_max: int, cluster_gap: float = 0.0) -> int:
+    """Smallest ``r1`` with ``||d[r1:]||_2 <= tau ||d||_2``, clamped to ``[r_min, min(r_max, len(d))]``, that
+    does not split a cluster of nearly equal singular values.
 
     ``singular_values`` is ``d``, sorted in decreasing order. The tail norms ``||d[i:]||`` decrease with
-    ``i``, so ``r1`` is the number of them above ``tau ||d||``.
+    ``i``, so the tolerance alone gives ``r1`` = the number of them above ``tau ||d||``.
+
+    Clusters: ``d[i]`` and ``d[i + 1]`` belong together when ``d[i] - d[i + 1] <= cluster_gap * d[i]``. Which of
+    two nearly equal singular values is kept is decided by rounding, and the kept singular vectors move by
+    ``(rounding) / (gap)``: a cut inside a cluster makes the step depend on the factorisation of ``W`` and on
+    the CPU's kernels. So ``r1`` moves up to the end of its cluster (the error only shrinks); if ``r_max``
+    cuts the cluster, down to its start instead (the clamp, not ``tau``, sets the error then), but not below
+    ``r_min``. ``cluster_gap = 0`` cuts anywhere.
     """
-    tail = [value * value for value in singular_values.tolist()]  # d is short (2r): plain Python is faster
+    values = singular_values.tolist()  # d is short (2r): plain Python is faster
+    tail = [value * value for value in values]
     for i in range(len(tail) - 2, -1, -1):
         tail[i] += tail[i + 1]
     r1 = sum(1 for value in tail if math.sqrt(value) > tau * math.sqrt(tail[0])) if tail else 0
-    return max(r_min, min(r1, r_max, len(tail)))
+    upper = min(r_max, len(values))
+    r1 = max(r_min, min(r1, upper))
+
+    def inside_cluster(cut: int) -> bool:  # the cut between d[cut - 1] and d[cut] splits a cluster
+        return 0 < cut < len(values) and values[cut - 1] - values[cut] <= cluster_gap * values[cut - 1]
+
+    end = r1
+    while end < upper and inside_cluster(end):
+        end += 1
+    if not inside_cluster(end):
+        return end
+    while r1 > r_min and inside_cluster(r1):
+        r1 -= 1
+    return r1
 
 
 def truncate(s_hat: Tensor, tau: float, r_min: int, r_max: int) -> tuple[Tensor, Tensor, Tensor]:
     """SVD truncation of the coefficient matrix: ``(P_r1, d[:r1], Q_r1)`` with ``S_hat ~ P diag(d) Q^T``.
 
-    The discarded part has Frobenius norm ``||d[r1:]|| <= tau ||S_hat||_F`` unless the clamp to ``r_max``
-    forces a larger error.
+    ``r1`` is :func:`truncated_rank` with clusters of relative gap :data:`CLUSTER_RTOL` kept whole. The
+    discarded part has Frobenius norm ``||d[r1:]|| <= tau ||S_hat||_F`` unless the clamp
+    to ``r_max`` forces a larger error.
     """
     p, d, qt = robust_svd(s_hat)
-    r1 = truncated_rank(d, tau, r_min, r_max)
+    r1 = truncated_rank(d, tau, r_min, r_max, CLUSTER_RTOL)
     return p[:, :r1], d[:r1], qt[:r1].T
 
 

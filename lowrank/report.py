@@ -30,8 +30,10 @@ from pathlib import Path
 
 from lowrank import config as cfg
 
-#: Settings of a ``--quick`` run: a small training subset and few epochs (validation and test stay full).
-QUICK = {"subset": 1000, "num_epochs": 2}
+#: Settings of a ``--quick`` run: a small training subset and few epochs (validation and test stay full),
+#: in float64, so that the stored outputs that nbval compares do not depend on the CPU's float32 kernels
+#: (``book/reproducibility.md``).
+QUICK = {"subset": 1000, "num_epochs": 2, "dtype": "float64"}
 PROGRESS_ENV = "LOWRANK_PROGRESS"
 #: Figures that are not network studies say so in ``[figure] kind`` of their TOML; the loader named here
 #: validates such a file instead of :func:`lowrank.config.load` (which needs models). No ``kind``, or
@@ -154,7 +156,8 @@ def validate(config: str | Path):
 def quick_settings(model: cfg.ModelConfig) -> cfg.ModelConfig:
     """``model`` with the :data:`QUICK` overrides (never more epochs or images than it asks for)."""
     subset = min(QUICK["subset"], model.settings.subset or QUICK["subset"])
-    return model.with_settings(subset=subset, num_epochs=min(QUICK["num_epochs"], model.settings.num_epochs))
+    return model.with_settings(subset=subset, num_epochs=min(QUICK["num_epochs"], model.settings.num_epochs),
+                               dtype=QUICK["dtype"])
 
 
 def figure_models(config: str | Path, quick: bool = False) -> list[cfg.ModelConfig]:

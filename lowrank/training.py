@@ -226,7 +226,7 @@ def load_result(config: ModelConfig, results_dir: str | Path | None = None) -> T
         return None
     info = json.loads((folder / RESULT_FILE).read_text())
     history = pd.read_csv(folder / HISTORY_FILE, **_EXACT_FLOATS)
-    with torch.random.fork_rng(devices=[]):  # building the model draws an initialisation
+    with torch.random.fork_rng(devices=[]), default_dtype(config.settings.dtype):  # building draws an init
         model = NeuralNetwork.from_config(config.layers)
     model.load_state_dict(torch.load(folder / MODEL_FILE, map_location="cpu", weights_only=True))
     model.eval()
@@ -314,11 +314,12 @@ def _train(
     from lowrank import data  # imported here: the data module is only needed to train
 
     warm_up = settings.warm_start_epochs  # epochs 1..warm_up train the dense twin
-    with _torch_settings(threads, device):
+    with _torch_settings(threads, device), default_dtype(settings.dtype):
         torch.manual_seed(settings.seed)
         model = NeuralNetwork.from_config((config.dense_twin() if warm_up else config).layers).to(device)
         splits = data.loaders(settings.dataset, batch_size=settings.batch_size * world.size, seed=settings.seed,
-                              subset=settings.subset, root=data_root, device=str(device))
+                              subset=settings.subset, root=data_root, device=str(device),
+                              dtype=torch.get_default_dtype())
         probe = _feature_sample(splits.train) if settings.track_layers else None
         spectra = [] if settings.track_layers else None
         checkpoint = _load_checkpoint(folder / CHECKPOINT_FILE, config)
@@ -529,6 +530,20 @@ def _torch_settings(threads: int, device: torch.device):
     finally:
         torch.set_num_threads(old_threads)
         torch.use_deterministic_algorithms(old_deterministic, warn_only=old_warn_only)
+
+
+@contextmanager
+def default_dtype(name: str):
+    """``torch.set_default_dtype`` of ``name`` (``"float32"`` / ``"float64"``) for the block, then the old one.
+
+    Every tensor a run creates (initialisation, factors, optimiser state, data) takes this type.
+    """
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, name))
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
 
 
 def _synchronize(device: torch.device) -> None:

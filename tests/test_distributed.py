@@ -149,7 +149,7 @@ def test_shards_split_each_batch_evenly_and_drop_the_remainder():
     assert [y.tolist() for _, y in shards[0]] == [[0, 1, 2, 3, 4], [10, 11]]
     assert [y.tolist() for _, y in shards[1]] == [[5, 6, 7, 8, 9], [12, 13]]  # 14 and the batch [15] dropped
     assert [len(list(distributed.World(rank, 2).strided(batches))) for rank in (0, 1)] == [2, 1]
-    loader = data._loader(np.zeros((21, 1), np.float32), np.arange(21), 10, "cpu", shuffle_seed=0)  # 10, 10, 1
+    loader = data._loader(np.zeros((21, 1), np.float32), np.arange(21), 10, "cpu", torch.float32, shuffle_seed=0)  # 10, 10, 1
     shards = distributed.World(1, 2).shard(loader)
     assert len(shards) == len(list(shards)) == 2
 

@@ -99,9 +99,18 @@ def test_factor_bases_are_orthonormal(init):
     torch.testing.assert_close(v.T @ v, torch.eye(8), atol=1e-5, rtol=0)
 
 
-def test_kaiming_factors_keep_the_dense_frobenius_norm():
-    u, s, v = initial_factors(784, 512, 20, "kaiming")
-    assert torch.linalg.matrix_norm(u @ s @ v.T) ** 2 == pytest.approx(2 * 512, rel=1e-4)
+def test_kaiming_factors_have_distinct_singular_values_and_the_dense_frobenius_norm():
+    """S has i.i.d. Gaussian entries (not c I): no ties for the truncation, and E||W||_F^2 = 2 n_out as Kaiming's."""
+    torch.manual_seed(0)
+    norms, gaps = [], []
+    for _ in range(20):
+        u, s, v = initial_factors(784, 512, 128, "kaiming")
+        torch.testing.assert_close(u.T @ u, torch.eye(128), atol=1e-5, rtol=0)
+        d = torch.linalg.svdvals(s.double())
+        gaps.append(float((d[:-1] - d[1:]).min() / d[0]))
+        norms.append(float(torch.linalg.matrix_norm((u @ s @ v.T).double()) ** 2))
+    assert sum(norms) / len(norms) == pytest.approx(2 * 512, rel=0.02)
+    assert min(gaps) > 1e-6
 
 
 def test_spectral_init_is_the_best_rank_r_approximation_of_a_dense_init():

@@ -1,5 +1,6 @@
 """The DLRT optimiser: the KLS step's algebra, truncation, rank adaptation and descent."""
 
+from copy import deepcopy
 from types import SimpleNamespace
 
 import pytest
@@ -266,12 +267,14 @@ def test_rank_adaptive_step_matches_the_textbook_step(integrator):
     ids=["random", "rank-deficient", "inside-span", "wide"],
 )
 def test_augmented_basis_completes_u_to_an_orthonormal_basis_of_the_span(make_directions):
+    """[U, Q] is orthonormal, spans D, and Q has as many columns as D has independent directions outside span(U)."""
     torch.manual_seed(2)
     u = torch.linalg.qr(torch.randn(40, 5)).Q
     d = make_directions(u)
     q = augmented_basis(u, d)
     basis = torch.cat([u, q], 1)
-    assert basis.shape[1] == min(40, 5 + d.shape[1])
+    new = d.double() - u.double() @ (u.double().T @ d.double())
+    assert q.shape[1] == torch.linalg.matrix_rank(new, atol=1e-4 * torch.linalg.matrix_norm(d.double()), rtol=0).item()
     torch.testing.assert_close(basis.T @ basis, torch.eye(basis.shape[1]), atol=1e-5, rtol=0)
     torch.testing.assert_close(basis @ (basis.T @ d), d, atol=1e-4, rtol=1e-4)
 
@@ -317,3 +320,70 @@ def test_build_optimizer_uses_the_fused_adam_kernel_on_cpu():
     net = NeuralNetwork([Dense(8, 4)], ["identity"])
     settings = SimpleNamespace(learning_rate=0.01, optimizer="adam", momentum=0.0, weight_decay=0.0, integrator="kls")
     assert build_optimizer(net, settings).ordinary.defaults["fused"]
+
+
+def rotated_copy(model: NeuralNetwork, seed: int) -> NeuralNetwork:
+    """The same network with every dynamical layer's factors rotated: ``U Q1, Q1^T S Q2, V Q2`` (the same W)."""
+    copy = deepcopy(model)
+    gen = torch.Generator().manual_seed(seed)
+    for layer in copy.dynamical_layers():
+        r, dtype = layer.rank, layer.S.dtype
+        q1, q2 = (torch.linalg.qr(torch.randn(r, r, generator=gen, dtype=torch.float64)).Q.to(dtype) for _ in range(2))
+        layer.set_factors(layer.U.data @ q1, q1.T @ layer.S.data @ q2, layer.V.data @ q2)
+    return copy
+
+
+def trained_weights(model: NeuralNetwork, x, y, steps: int, lr: float) -> list[torch.Tensor]:
+    settings = SimpleNamespace(learning_rate=lr, optimizer="sgd", momentum=0.0, weight_decay=0.0, integrator="kls")
+    opt = build_optimizer(model, settings)
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    for _ in range(steps):
+        opt.step(closure)
+    return [effective_weight(layer) for layer in model.layers]
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 3e-5), (torch.float64, 1e-10)], ids=["float32", "float64"])
+@pytest.mark.parametrize("tau, batch", [(0.1, 232), (0.0, 232), (0.1, 64), (0.0, 64)],
+                         ids=["tau=0.1", "tau=0", "batch<rank", "tau=0,batch<rank"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_step_depends_on_w_not_on_its_factorisation(dtype, tolerance, tau, batch, seed):
+    """Two factorisations of the same W (factors rotated by random orthogonal Q1, Q2) take the same DLRT steps.
+
+    The truncation keeps or drops a cluster of nearly equal singular values whole and the augmentation adds only
+    the numerically independent new directions, so W after three steps agrees to rounding / (relative gap at
+    the cut >= CLUSTER_RTOL): about 1e-6 in float32 (3e-5 at worst in these runs) and 1e-14 in float64.
+    Without either rule the two runs differ by 1e-4 to 4e-3, in float64 too at tau = 0.
+    """
+    torch.manual_seed(seed)
+    with torch.random.fork_rng():
+        torch.set_default_dtype(dtype)
+        try:
+            model = NeuralNetwork([DynamicalLowRank(784, 512, 128, tau=tau), DynamicalLowRank(512, 512, 128, tau=tau),
+                                   Dense(512, 10)], ["relu", "relu", "identity"])
+        finally:
+            torch.set_default_dtype(torch.float32)
+    gen = torch.Generator().manual_seed(seed + 1)
+    x, y = torch.rand(batch, 784, generator=gen, dtype=dtype), torch.randint(0, 10, (batch,), generator=gen)
+    rotated = rotated_copy(model, seed=seed + 2)
+    expected = trained_weights(model, x, y, steps=3, lr=0.1)
+    got = trained_weights(rotated, x, y, steps=3, lr=0.1)
+    assert model.ranks() == rotated.ranks()
+    for w_expected, w_got in zip(expected, got):
+        error = torch.linalg.matrix_norm(w_got - w_expected) / torch.linalg.matrix_norm(w_expected)
+        assert error <= tolerance, (model.ranks(), float(error))
+
+
+def test_truncation_keeps_or_drops_a_cluster_of_nearly_equal_singular_values_whole():
+    d = torch.tensor([10.0, 5.0, 4.99, 4.98, 1.0, 0.1])
+    assert truncated_rank(d, 0.5, r_min=1, r_max=6) == 3  # tolerance alone: a cut inside 5, 4.99, 4.98
+    assert truncated_rank(d, 0.5, r_min=1, r_max=6, cluster_gap=1e-2) == 4  # the cluster kept whole
+    assert truncated_rank(d, 0.5, r_min=1, r_max=3, cluster_gap=1e-2) == 1  # r_max cuts it: dropped whole
+    assert truncated_rank(d, 0.5, r_min=2, r_max=3, cluster_gap=1e-2) == 2  # ... but not below r_min
+    assert truncated_rank(d, 0.05, r_min=1, r_max=6, cluster_gap=1e-2) == 5  # no cluster at the cut
+

@@ -34,6 +34,7 @@ def test_quick_settings_shrink_training_but_keep_the_models():
     for small, big in zip(quick, full):
         assert small.layers == big.layers
         assert small.settings.subset == report.QUICK["subset"] and small.settings.num_epochs == report.QUICK["num_epochs"]
+        assert small.settings.dtype == "float64" and big.settings.dtype == "float32"
         assert small.cache_key() != big.cache_key()
 
 
