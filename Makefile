@@ -6,7 +6,7 @@
 VENV   ?= .venv
 PYTHON ?= python3
 PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 # Each test run uses one thread per process: outputs are compared bit for bit.
 export OMP_NUM_THREADS ?= 1
 # MathJax 3 for the book, served from the build instead of a CDN (the book is read offline).
@@ -17,14 +17,15 @@ CHROMIUM ?= chromium
 CHROMIUM_FLAGS := --headless --no-sandbox --disable-gpu --no-first-run --disable-background-networking \
                   --disable-component-update --disable-sync
 
-.PHONY: setup data test report report-quick book pdf benchmark clean mathjax browser
+.PHONY: setup data test report report-quick book pdf benchmark clean mathjax browser constraints
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+# constraints.txt pins every package to the version the report's record was made with.
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[report,test]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[report,test]'
 	$(PY) -m ipykernel install --sys-prefix --name python3 > /dev/null
 	rm -f $(VENV)/.installed-* && touch $@
 
@@ -57,6 +58,11 @@ benchmark: setup
 
 clean:
 	rm -rf book/_build .pytest_cache
+
+# After a deliberate upgrade of a dependency: pin the environment anew (then rerun `make report`).
+constraints: setup
+	{ sed -n '1,3p' constraints.txt; $(PY) -m pip freeze --exclude-editable | grep -v '^-e'; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
 
 # es5/ of the npm package mathjax, unpacked to book/_mathjax/mathjax/ (not under book/_static:
 # Jupyter Book would add every .js file there to every page). book/_config.yml points at it.

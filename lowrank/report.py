@@ -41,6 +41,9 @@ PROGRESS_ENV = "LOWRANK_PROGRESS"
 FIGURE_KINDS = {"matrix-ode": "lowrank.dlra:load_experiment", "adapters": "lowrank.adapters:load_experiment"}
 #: The figure shown in the README: its first plot, saved by a full-size run.
 README_FIGURE = ("fig_a", Path("book/images/fig_a.png"))
+#: Where an executed figure notebook of the record keeps what it was computed from and on what
+#: (``notebook.metadata["lowrank"]["record"]``, written by :func:`stamp_record`).
+RECORD_METADATA = "lowrank"
 
 
 class Seconds(float):
@@ -202,6 +205,70 @@ def train_figure(
     return results
 
 
+def figure_keys(figure: Figure) -> dict[str, str]:
+    """What a full-size run of ``figure`` is computed from: ``{model name: cache key}`` of every model it
+    trains or reads (:func:`figure_models`), or for a figure that is not a network study
+    ``{"config": key}``, a hash of lowrank's version and its TOML text. A record whose keys differ from these
+    is stale: a configuration or the library version changed since it was made.
+    """
+    import hashlib
+
+    from lowrank import __version__
+
+    if figure_kind(figure.config) == "network":
+        return {m.name: m.cache_key() for m in figure_models(figure.config)}
+    text = figure.config.read_text(encoding="utf-8")
+    return {"config": hashlib.sha256(f"{__version__}\n{text}".encode()).hexdigest()[:16]}
+
+
+def machine() -> dict[str, str | int]:
+    """The machine and software a run is executed on: CPU, cores, torch threads, kernels and versions."""
+    import platform
+
+    import numpy
+    import torch
+
+    from lowrank import __version__
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as stream:
+            cpu = next((line.split(":", 1)[1].strip() for line in stream if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    blas = next((line.strip(" -") for line in torch.__config__.show().splitlines()
+                 if "Math Kernel Library" in line or "OpenBLAS" in line), "unknown")
+    return {"cpu": cpu, "cores": os.cpu_count() or 0, "torch_threads": int(os.environ.get("OMP_NUM_THREADS", 1)),
+            "cpu_kernels": torch.backends.cpu.get_cpu_capability(), "python": platform.python_version(),
+            "torch": torch.__version__, "numpy": numpy.__version__, "blas": blas, "lowrank": __version__}
+
+
+def stamp_record(path: Path, figure: Figure, seconds: float) -> None:
+    """Store in the executed notebook at ``path`` what it was computed from and on what, and show it.
+
+    The metadata (:data:`RECORD_METADATA`) holds :func:`figure_keys`, :func:`machine`, the UTC time and the
+    wall time; a last markdown cell states the same for the reader of the book.
+    """
+    import datetime
+
+    import nbformat
+
+    record = {"keys": figure_keys(figure), "machine": machine(), "wall_seconds": round(seconds, 1),
+              "executed": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    notebook = nbformat.read(path, as_version=4)
+    notebook.metadata[RECORD_METADATA] = {"record": record}
+    m = record["machine"]
+    text = (f":::{{admonition}} Record of this page\n"
+            f"Executed {record['executed']} in {record['wall_seconds']:.0f} s of wall time on {m['cpu']} "
+            f"({m['cores']} cores, {m['torch_threads']} torch thread per figure, ATen {m['cpu_kernels']} kernels): "
+            f"Python {m['python']}, torch {m['torch']}, numpy {m['numpy']}, {m['blas']}, lowrank {m['lowrank']}. "
+            f"Reproduce it with `python -m lowrank report --only {figure.name}` "
+            f"(see [Reproducing this report](../reproducibility.md)).\n:::")
+    notebook.cells = [c for c in notebook.cells if "record" not in c.metadata.get("tags", [])]
+    notebook.cells.append(nbformat.v4.new_markdown_cell(text, metadata={"tags": ["record"]}))
+    nbformat.write(notebook, path)
+
+
 def discover(root: Path) -> list[Figure]:
     """The figures under ``root/notebooks`` (``fig_*.ipynb`` with a ``configs/fig_*.toml``), sorted."""
     notebooks = root / "notebooks"
@@ -226,6 +293,7 @@ def execute(figure: Figure, quick: bool, force: bool, results_dir: Path, progres
     os.environ["OMP_NUM_THREADS"] = "1"
     figure.output.parent.mkdir(parents=True, exist_ok=True)
     parameters = {"config": str(figure.config.resolve()), "quick": quick, "force": force, "results_dir": str(results_dir)}
+    start = time.perf_counter()
     try:
         with kernel_sockets() as config:
             papermill.execute_notebook(
@@ -235,6 +303,8 @@ def execute(figure: Figure, quick: bool, force: bool, results_dir: Path, progres
     except papermill.PapermillExecutionError as error:
         raise FigureFailed(f"{figure.name} failed; the executed notebook with the traceback is {figure.output}\n{error}") from None
     hide_parameter_cells(figure.output)
+    if not quick:
+        stamp_record(figure.output, figure, time.perf_counter() - start)
     return figure.output
 
 

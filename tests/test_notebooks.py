@@ -1,8 +1,11 @@
-"""The nbval regression of the figure notebooks catches a changed number and ignores changed timings.
+"""The nbval regression of the figure notebooks catches a changed number, ignores changed timings, and
+passes on other CPU code paths.
 
 `pytest --nbval notebooks/` (part of `make test`) re-executes every figure notebook and compares its
 outputs with the stored ones, after `tests/nbval_sanitize.cfg` has replaced timings. These tests run nbval
 on copies of one notebook whose stored outputs were edited: a timing edit must pass, a result edit fail.
+The portability test retrains figure (a) (dense, vanilla and both DLRT integrators) from nothing under
+other ATen and MKL kernels, as another CPU would pick them, and must reproduce the stored outputs.
 """
 
 import os
@@ -28,12 +31,13 @@ def glued(notebook, key: str) -> dict:
     raise KeyError(key)
 
 
-def run_nbval(notebook, folder: Path) -> subprocess.CompletedProcess:
-    """Write ``notebook`` beside a copy of the configs and run nbval on it, reusing the results cache."""
+def run_nbval(notebook, folder: Path, results: Path = ROOT / "notebooks" / "results",
+              env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Write ``notebook`` beside a copy of the configs and run nbval on it with the results cache ``results``."""
     shutil.copytree(ROOT / "notebooks" / "configs", folder / "configs", dirs_exist_ok=True)
     path = folder / NOTEBOOK.name
     nbformat.write(notebook, path)
-    env = {**os.environ, "LOWRANK_RESULTS": str(ROOT / "notebooks" / "results"), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "LOWRANK_RESULTS": str(results), "OMP_NUM_THREADS": "1", **(env or {})}
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--nbval", "--nbval-current-env",
            "--nbval-sanitize-with", str(SANITIZE), str(path)]
     return subprocess.run(cmd, cwd=folder, env=env, capture_output=True, text=True, timeout=600)
@@ -60,3 +64,18 @@ def test_nbval_catches_a_changed_number(stored, tmp_path):
     run = run_nbval(stored, tmp_path)
     assert run.returncode != 0
     assert "fig_a_dense_test_accuracy" in run.stdout or record[mime] in run.stdout, run.stdout[-4000:]
+
+
+# ATen picks vectorised kernels by CPU (ATEN_CPU_CAPABILITY caps them), MKL its code path (MKL_CBWR fixes
+# one): each setting changes float32 training results, as another machine would.
+OTHER_CODE_PATHS = [
+    {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE"},
+    {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2"},
+]
+
+
+@pytest.mark.parametrize("code_path", OTHER_CODE_PATHS, ids=lambda e: f"{e['ATEN_CPU_CAPABILITY']}-{e['MKL_CBWR']}")
+def test_stored_outputs_reproduce_under_other_cpu_code_paths(stored, tmp_path, code_path):
+    run = run_nbval(stored, tmp_path / "notebook", results=tmp_path / "results", env=code_path)
+    assert run.returncode == 0, run.stdout[-6000:]
+    assert any((tmp_path / "results").glob("*/result.json")), "nothing was trained: the test compared cached results"

@@ -1,0 +1,67 @@
+"""The committed record of the report (book/figures/*.ipynb, the last full-size `make report`) is current.
+
+Each executed figure notebook stores the cache keys of the models it was computed from
+(`lowrank.report.stamp_record`); a changed configuration or library version changes the keys that
+`lowrank.report.figure_keys` computes now, and these tests fail until `make report` regenerates the record.
+"""
+
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from lowrank import __version__, report
+
+ROOT = Path(__file__).resolve().parents[1]
+FIGURES = report.discover(ROOT)
+
+
+def record(figure) -> dict:
+    assert figure.output.is_file(), f"{figure.output.relative_to(ROOT)} is missing: run `make report` and commit it"
+    notebook = nbformat.read(figure.output, as_version=4)
+    assert report.RECORD_METADATA in notebook.metadata, f"{figure.output.name} has no record metadata: not made by `make report`"
+    return notebook.metadata[report.RECORD_METADATA]["record"]
+
+
+@pytest.mark.parametrize("figure", FIGURES, ids=lambda f: f.name)
+def test_the_record_was_made_from_the_current_configs_and_library(figure):
+    stored = record(figure)["keys"]
+    current = report.figure_keys(figure)
+    changed = sorted(k for k in stored.keys() | current.keys() if stored.get(k) != current.get(k))
+    assert not changed, (f"the record {figure.output.name} is stale for {changed} (a config or lowrank's version "
+                         "changed): run `make report` and commit book/figures/")
+
+
+@pytest.mark.parametrize("figure", FIGURES, ids=lambda f: f.name)
+def test_the_record_states_when_and_on_what_it_ran(figure):
+    stored = record(figure)
+    assert stored["wall_seconds"] > 0 and stored["executed"].endswith("UTC")
+    machine = stored["machine"]
+    assert {"cpu", "cores", "torch_threads", "cpu_kernels", "torch", "numpy", "blas", "lowrank"} <= machine.keys()
+    assert machine["lowrank"] == __version__
+    cells = nbformat.read(figure.output, as_version=4).cells
+    shown = [c.source for c in cells if "record" in c.metadata.get("tags", [])]
+    assert len(shown) == 1 and machine["cpu"] in shown[0] and machine["torch"] in shown[0]
+
+
+def test_a_changed_config_makes_the_record_stale(tmp_path):
+    figure = next(f for f in FIGURES if f.name == "fig_a")
+    text = figure.config.read_text(encoding="utf-8")
+    assert "\nseed = 0\n" in text
+    config = tmp_path / "fig_a.toml"
+    config.write_text(text.replace("\nseed = 0\n", "\nseed = 1\n", 1), encoding="utf-8")
+    changed = report.Figure(figure.name, figure.notebook, config, figure.output)
+    assert report.figure_keys(changed).keys() == report.figure_keys(figure).keys()
+    assert report.figure_keys(changed) != report.figure_keys(figure)
+
+
+def test_stamp_record_replaces_the_previous_record(tmp_path):
+    figure = next(f for f in FIGURES if f.name == "fig_j")
+    path = tmp_path / "fig_j.ipynb"
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell("# fig j")]), path)
+    for seconds in (12.0, 34.0):
+        report.stamp_record(path, figure, seconds)
+    notebook = nbformat.read(path, as_version=4)
+    assert [c.metadata.get("tags", []) for c in notebook.cells] == [[], ["record"]]
+    assert notebook.metadata["lowrank"]["record"]["wall_seconds"] == 34.0
+    assert notebook.metadata["lowrank"]["record"]["keys"] == report.figure_keys(figure)
