@@ -263,7 +263,9 @@ def shifted_task(shift: str, train_images: int, seed: int = 0) -> Task:
     if shift == "permuted-labels":
         train_y, test_y = (train_y + 1) % 10, (test_y + 1) % 10
     index = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(seed))[:train_images].numpy()
-    return Task(torch.tensor(train_x[index]), torch.tensor(train_y[index]), torch.tensor(test_x), torch.tensor(test_y))
+    images = torch.get_default_dtype()  # float64 under the quick runs' default_dtype (run_experiment)
+    return Task(torch.tensor(train_x[index], dtype=images), torch.tensor(train_y[index]),
+                torch.tensor(test_x, dtype=images), torch.tensor(test_y))
 
 
 def label_shift_correction(weight: Tensor) -> Tensor:
@@ -570,7 +572,8 @@ def run_experiment(experiment: Experiment, results_dir: str | Path | None = None
     from lowrank import training
 
     seconds, rows = {}, []
-    with torch_threads(1):
+    # Adapters, their optimiser state and the task's images take the pretrained network's dtype.
+    with torch_threads(1), training.default_dtype(experiment.pretrain.settings.dtype):
         start = time.perf_counter()
         pretrained = training.train(experiment.pretrain, results_dir=results_dir, force=force, progress=False)
         seconds["pretraining"] = time.perf_counter() - start

@@ -101,8 +101,9 @@ def truncated_network(model: NeuralNetwork, ranks: Sequence[int]) -> NeuralNetwo
         raise ValueError(f"{len(ranks)} ranks for {len(model.layers)} layers")
     layers = []
     for layer, rank in zip(model.layers, ranks):
-        dense = Dense(layer.in_features, layer.out_features, bias=layer.bias is not None)
-        p, sigma, q = truncated_svd(effective_weight(layer).cpu(), rank)
+        weight = effective_weight(layer).cpu()
+        dense = Dense(layer.in_features, layer.out_features, bias=layer.bias is not None).to(weight.dtype)
+        p, sigma, q = truncated_svd(weight, rank)
         dense.weight.copy_((p * sigma) @ q.T)
         if layer.bias is not None:
             dense.bias.copy_(layer.bias.detach().cpu())
@@ -119,8 +120,12 @@ def epsilon_ranks(model: nn.Module, eps: float = metrics.EPSILON_RANK_TOL, relat
 
 @torch.no_grad()
 def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 10_000) -> float:
-    """Fraction of the images ``x`` whose largest logit is the label ``y``, in eval mode (in batches)."""
+    """Fraction of the images ``x`` whose largest logit is the label ``y``, in eval mode (in batches).
+
+    ``x`` is converted to the floating-point type of ``model``'s parameters first.
+    """
     model.eval()
+    x = x.to(next(model.parameters()).dtype)
     correct = sum(int((model(x[i:i + batch_size]).argmax(-1) == y[i:i + batch_size]).sum())
                   for i in range(0, len(y), batch_size))
     return correct / len(y)
