@@ -34,9 +34,9 @@ processes equals a step of one process with ``batch_size = N B``. The last, part
 images is cut into N equal shards of ``m // N``; the ``m mod N < N`` images left over are not trained on that
 epoch (a batch with ``m < N`` is skipped). A run of N processes therefore equals the one-process run with
 ``batch_size = N B`` when the number of training images is a multiple of N, up to float rounding (sums are
-taken in another order), which a well-conditioned truncation leaves at ~1e-6 (tested to 1e-5 from a spectral
-init). From the Kaiming init ``S = c I`` the first truncations choose among nearly equal singular values and
-the rounding rotates the kept subspace: the two runs then agree to ~1e-4 only, the N processes still bitwise.
+taken in another order), which the truncation leaves at ~1e-6 (tested to 1e-5 from a spectral init): it keeps
+or drops clusters of nearly equal singular values whole, so rounding does not choose among them
+(:func:`lowrank.optim.truncated_rank`).
 
 Metrics: the training loss and accuracy are sums over each process's shards, added up over processes at the
 end of the epoch; :func:`lowrank.training.evaluate` lets each process evaluate every N-th batch and adds up the

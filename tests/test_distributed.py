@@ -15,9 +15,8 @@ from lowrank import config, data, distributed, training
 torch.set_num_threads(1)
 
 B = 50  # images per process and step
-# init = "spectral": distinct singular values. From Kaiming's S = c I the first truncations pick among nearly
-# equal singular values, and the rounding of sums taken in another order (two shards vs one batch) rotates the
-# kept subspace: the 1-process run then agrees to ~1e-4 only (the 2 processes still agree bitwise).
+# init = "spectral": distinct singular values with large gaps, so the rounding of sums taken in another order
+# (two shards vs one batch) cannot move the kept subspace beyond ~1e-6.
 SETTINGS = f"""
 [settings]
 num_epochs = 2
