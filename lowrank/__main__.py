@@ -69,7 +69,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     # Under torchrun: join its process group (lowrank.distributed); only rank 0 prints. Alone: nothing changes.
     with distributed.launch() as world:
         for model in models:
-            def report(row: dict, name=model.name, epochs=model.settings.num_epochs) -> None:
+            def report(row: dict, name=model.name, epochs=model.settings.total_epochs) -> None:
                 """One line per epoch on stderr where there is no progress bar (logs, nohup)."""
                 ranks = ",".join(str(value) for key, value in row.items() if key.startswith("rank_"))
                 print(f"{name}: epoch {row['epoch']}/{epochs}  train_loss {row['train_loss']:.4f}  "

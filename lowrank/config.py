@@ -16,6 +16,10 @@ One TOML file describes one study (one figure of the report). Two shapes are acc
     dims = [512, 10]                        dims = [784, 10]
     activation = "identity"                 activation = "identity"
 
+``[figure]`` is free-form except for two keys: ``uses = ["fig_a.toml", ...]`` (a figure that also reads
+other figures' models) and ``seeds = [0, 1, 2]`` (every model is trained once per seed, named
+``"<name> seed=<s>"``).
+
 Every option is one dataclass field below: its type hint, its default and its metadata (choices,
 bounds, the layer types that use it, a help line) drive the checks in `_values`; the checks between
 fields (ranks against dims, layers that must chain, ...) are written out in `_layer`, `_layers` and
@@ -95,11 +99,19 @@ class Settings:
         0.0, "L2 on the factors of lowrank layers: (lambda/2)(||U||² + ||S||² + ||V||²) added to the loss", min=0)
     frobenius_decay: float = option(
         0.0, "Frobenius decay of lowrank layers: (lambda/2)||U S Vᵀ||_F² added to the loss (W never formed)", min=0)
+    fine_tune_epochs: int = option(
+        0, "after num_epochs, N more epochs at the ranks reached: rank-adaptive dynamical layers turn fixed-rank "
+           "(the second phase of Schotthöfer et al.'s protocol); other layers train on", min=0)
     warm_start_epochs: int = option(
         0, "train the dense twin for the first N of num_epochs epochs, then factorise its weights by SVD", min=0)
     track_layers: bool = option(
         False, "after every epoch, store each layer's singular values (spectra.csv) and the within-class "
                "variability of its input (history nc1_*)")
+
+    @property
+    def total_epochs(self) -> int:
+        """``num_epochs + fine_tune_epochs``: the epochs of the whole run."""
+        return self.num_epochs + self.fine_tune_epochs
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -167,6 +179,10 @@ class ModelConfig:
                                    "normal" if layer.init == "normal" else "kaiming")
                        for layer in self.layers)
         return ModelConfig(self.name, dataclasses.replace(self.settings, warm_start_epochs=0), layers)
+
+    def with_seed(self, seed: int) -> "ModelConfig":
+        """The same model trained from ``seed``, named ``"<name> seed=<seed>"`` (``[figure] seeds``)."""
+        return ModelConfig(f"{self.name} seed={seed}", dataclasses.replace(self.settings, seed=seed), self.layers)
 
     def with_settings(self, **overrides) -> "ModelConfig":
         """A copy with some settings replaced (e.g. num_epochs=1 from the CLI), validated again."""
@@ -246,11 +262,24 @@ def parse(data: dict, path: str | Path | None = None) -> Study:
                 raise _error(file, f'model[{i}].name = "{model.name}" is already the name of model[{seen[model.name]}]; '
                                    f"allowed: a name not used yet, not {_choices(list(seen))}")
             seen[model.name] = i
+    seeds = _seeds_list(figure, file)
+    if seeds:
+        models = tuple(model.with_seed(seed) for model in models for seed in seeds)
     return Study(Path(path) if path is not None else None, settings, models, figure)
 
 
 # ---------------------------------------------------------------------------------------------
 # Tables
+
+def _seeds_list(figure: dict, file: str) -> list[int]:
+    """[figure] seeds = [0, 1, 2]: train every model once per seed (its ``settings.seed``), as ``"<name> seed=<s>"``."""
+    seeds = figure.get("seeds", [])
+    if not isinstance(seeds, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
+        raise _error(file, f"figure.seeds = {_show(seeds)} is not a list of seeds; allowed: integers >= 0, e.g. [0, 1, 2]")
+    if len(set(seeds)) != len(seeds):
+        raise _error(file, f"figure.seeds = {_show(seeds)} repeats a seed; allowed: distinct integers >= 0")
+    return seeds
+
 
 def _uses_list(figure: dict, path, file: str) -> list[str]:
     """[figure] uses = ["fig_a.toml", ...]: other configs (relative to this one) whose models a figure reads."""

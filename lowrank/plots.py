@@ -13,7 +13,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from lowrank.report import Seconds
+from lowrank.report import Seconds, seed_groups, seed_statistics
 
 CURVES = (("train_loss", "training loss"), ("val_loss", "validation loss"),
           ("train_accuracy", "training accuracy"), ("val_accuracy", "validation accuracy"))
@@ -45,6 +45,19 @@ def summary_table(results: Sequence, readable: bool = True) -> pd.DataFrame:
             "hidden ranks": str(ranks),
             "training time": str(Seconds(seconds)) if readable else seconds,
         })
+    return pd.DataFrame(rows).set_index("model")
+
+
+def seed_table(results: Sequence) -> pd.DataFrame:
+    """One row per model of a figure with ``[figure] seeds``: mean test accuracy, its half-range over the seeds,
+    each seed's final hidden ranks, mean compression and mean training time (:func:`lowrank.report.seed_statistics`)."""
+    rows = []
+    for name, members in seed_groups(results).items():
+        stats = seed_statistics(members)
+        rows.append({"model": name, "test accuracy (%)": round(stats["test_accuracy"], 2),
+                     "± (half-range)": round(stats["spread"], 2), "seeds": stats["seeds"],
+                     "hidden ranks (each seed)": " / ".join(str(r) for r in stats["ranks"]),
+                     "compression (%)": round(stats["compression"], 1), "training time": str(Seconds(stats["seconds"]))})
     return pd.DataFrame(rows).set_index("model")
 
 
@@ -147,7 +160,7 @@ def layer_curves(results, prefix: str, ylabel: str, layers: Sequence[int] | None
 
     ``results``: a list, or a dict ``{group title: list}`` (e.g. one group per dataset; the panels then
     go one row per group). One panel per layer in ``layers`` (default: every layer with such a column),
-    one line per model. The epochs of a dense warm-up (history ``dense_warm_up``) are dotted, or left out
+    one line per model. The epochs of a dense warm-up (history ``phase`` ``"warm-up"``) are dotted, or left out
     with ``warm_up=False`` (the curve then starts at the first factorised row).
     """
     groups = results if isinstance(results, dict) else {"": results}
@@ -160,7 +173,7 @@ def layer_curves(results, prefix: str, ylabel: str, layers: Sequence[int] | None
     for ax, (group, members, layer) in zip(axes, panels):
         for i, result in enumerate(members):
             history, column = result.history, f"{prefix}{layer}"
-            warm = history["dense_warm_up"].astype(bool) if "dense_warm_up" in history else history["epoch"] < 0
+            warm = history["phase"] == "warm-up"
             switch = int(history["epoch"][warm].max()) if warm.any() else 0  # the first factorised row
             after = history[history["epoch"] >= switch]
             ax.plot(after["epoch"], after[column], marker=".", color=f"C{i % 10}", label=result.config.name)

@@ -30,10 +30,11 @@ from pathlib import Path
 
 from lowrank import config as cfg
 
-#: Settings of a ``--quick`` run: a small training subset and few epochs (validation and test stay full),
+#: Settings of a ``--quick`` run: a small training subset and few epochs, at most one of them fine-tuning
+#: (validation and test stay full),
 #: in float64, so that the stored outputs that nbval compares do not depend on the CPU's float32 kernels
 #: (``book/reproducibility.md``).
-QUICK = {"subset": 1000, "num_epochs": 2, "dtype": "float64"}
+QUICK = {"subset": 1000, "num_epochs": 2, "fine_tune_epochs": 1, "dtype": "float64"}
 PROGRESS_ENV = "LOWRANK_PROGRESS"
 #: Figures that are not network studies say so in ``[figure] kind`` of their TOML; the loader named here
 #: validates such a file instead of :func:`lowrank.config.load` (which needs models). No ``kind``, or
@@ -107,6 +108,54 @@ def glue_results(prefix: str, results) -> None:
         glue(f"{key}_max_ranks", [max_rank(layer) for layer in result.config.layers[:-1]], display=False)
 
 
+def seed_groups(results) -> dict[str, list]:
+    """The results of a figure with ``[figure] seeds``, by model: ``{"dense": [seed 0, seed 1], ...}`` in file
+    order (a name without a ``" seed=<s>"`` suffix is a group of one)."""
+    groups: dict[str, list] = {}
+    for result in results:
+        groups.setdefault(re.sub(r" seed=\d+$", "", result.config.name), []).append(result)
+    return groups
+
+
+def seed_statistics(members) -> dict:
+    """Over the seeds of one model: test accuracy (%) mean and half-range (``spread``), final hidden ranks of
+    each seed, mean compression (%) and mean training seconds."""
+    accuracy = [100 * r.test_accuracy for r in members]
+    lasts = [r.history.iloc[-1] for r in members]
+    hidden = [c for c in members[0].history.columns if c.startswith("rank_")][:-1]
+    return {"test_accuracy": sum(accuracy) / len(accuracy), "spread": (max(accuracy) - min(accuracy)) / 2,
+            "ranks": [[int(last[c]) for c in hidden] for last in lasts], "seeds": len(members),
+            "compression": 100 * sum(float(last["compression"]) for last in lasts) / len(lasts),
+            "seconds": sum(float(last["train_seconds_cum"]) for last in lasts) / len(lasts)}
+
+
+def glue_seed_results(prefix: str, results) -> None:
+    """Glue each model's statistics over its seeds (:func:`seed_statistics`) as ``{prefix}_{slug(model)}_{metric}``:
+    ``test_accuracy`` and ``spread`` (%, 2 decimals), ``ranks`` (each seed's final hidden ranks, as text),
+    ``compression`` (%, 1 decimal) and ``seconds`` (mean training time)."""
+    from myst_nb import glue
+
+    for name, members in seed_groups(results).items():
+        key, stats = f"{prefix}_{slug(name)}", seed_statistics(members)
+        glue(f"{key}_test_accuracy", round(stats["test_accuracy"], 2), display=False)
+        glue(f"{key}_spread", round(stats["spread"], 2), display=False)
+        glue(f"{key}_ranks", Text(" and ".join(str(ranks) for ranks in stats["ranks"])), display=False)
+        glue(f"{key}_compression", round(stats["compression"], 1), display=False)
+        glue(f"{key}_seconds", Seconds(stats["seconds"]), display=False)
+
+
+def trend(first: tuple[float, float], last: tuple[float, float]) -> str:
+    """How a mean changes from ``first`` to ``last`` (each ``(mean, spread)``), judged against the spreads:
+    ``"falls"`` / ``"rises"`` when the change exceeds the sum of the two spreads, else
+    ``"does not change beyond the seed spread"``."""
+    change, noise = last[0] - first[0], first[1] + last[1]
+    if change < -noise:
+        return "falls"
+    if change > noise:
+        return "rises"
+    return "does not change beyond the seed spread"
+
+
 def max_rank(layer: cfg.LayerConfig) -> int:
     """The largest rank ``layer`` can have: ``r_max`` (dynamical), ``rank`` (lowrank), ``min(dims)`` (dense)."""
     return {"dynamical": layer.r_max, "lowrank": layer.rank}.get(layer.type, min(layer.dims))
@@ -159,7 +208,9 @@ def validate(config: str | Path):
 def quick_settings(model: cfg.ModelConfig) -> cfg.ModelConfig:
     """``model`` with the :data:`QUICK` overrides (never more epochs or images than it asks for)."""
     subset = min(QUICK["subset"], model.settings.subset or QUICK["subset"])
-    return model.with_settings(subset=subset, num_epochs=min(QUICK["num_epochs"], model.settings.num_epochs),
+    settings = model.settings
+    return model.with_settings(subset=subset, num_epochs=min(QUICK["num_epochs"], settings.num_epochs),
+                               fine_tune_epochs=min(QUICK["fine_tune_epochs"], settings.fine_tune_epochs),
                                dtype=QUICK["dtype"])
 
 
@@ -192,7 +243,7 @@ def train_figure(
 
         def report_epoch(row, model=model) -> None:
             if progress:
-                line = {"model": model.name, "epoch": int(row["epoch"]), "epochs": model.settings.num_epochs}
+                line = {"model": model.name, "epoch": int(row["epoch"]), "epochs": model.settings.total_epochs}
                 with open(progress, "a") as stream:
                     stream.write(json.dumps(line) + "\n")
 

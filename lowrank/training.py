@@ -23,14 +23,19 @@ epoch ``k``, :func:`warm_start` sets each factorised layer of rank ``r`` to the 
 trained dense ``W = P Sigma Q^T``: ``U = P_r, S = Sigma_r, V = Q_r`` (``U = P_r Sigma_r^{1/2}``,
 ``V = Q_r Sigma_r^{1/2}`` for ``W = U V^T``), copies the biases and the dense layers, and starts a new
 optimiser; epochs ``k+1..num_epochs`` train the factorised network. The warm-up is part of the run:
-its epochs are rows of the history (``dense_warm_up`` true), its time is in the timing columns, and the
+its epochs are rows of the history (``phase`` ``"warm-up"``), its time is in the timing columns, and the
 SVD is timed into epoch ``k``.
+
+Fine-tuning (``settings.fine_tune_epochs = m > 0``), the second phase of the protocol of Schotthöfer et al.:
+after the ``num_epochs`` epochs, ``m`` more epochs in which every rank-adaptive dynamical layer is trained at
+the rank it reached, by the fixed-rank DLRT step (no augmentation, no truncation; optimiser state carried
+on); the other layers train as before. Their rows have ``phase`` ``"fine-tune"``.
 
 History (:attr:`TrainingResult.history`), one row per epoch; row 0 is the untrained network (evaluation
 only, timings 0), so curves start at the initial loss:
 
 ``epoch``
-    0 before training, then 1..num_epochs.
+    0 before training, then 1..num_epochs + fine_tune_epochs.
 ``train_loss``, ``train_accuracy``
     over the epoch's batches *as trained* (each batch's loss and predictions before its step), weighted by
     batch size, i.e. the mean over the training images. Row 0: the untrained network on the training set.
@@ -48,9 +53,10 @@ only, timings 0), so curves start at the initial loss:
 ``erank_0``, ... and ``epsrank_0``, ...
     each layer's effective rank (Roy & Vetterli) and epsilon-rank ``#{i : sigma_i / ||W||_F > 1e-3}`` at
     the end of the epoch (:mod:`lowrank.metrics`; factorised layers from their ``r x r`` core).
-``dense_warm_up``
-    whether the epoch trained the dense twin of a warm start (row 0 too: the network it starts from);
-    at the end of the last warm-up epoch the network is already factorised (its columns above say so).
+``phase``
+    ``"warm-up"`` for the epochs that trained the dense twin of a warm start (row 0 too: the network it
+    starts from; at the end of the last warm-up epoch the network is already factorised, its columns above
+    say so), ``"fine-tune"`` for the fixed-rank epochs after ``num_epochs``, ``"train"`` otherwise.
 ``nc1_0``, ... (only with ``settings.track_layers``)
     the within-class variability NC1 (:func:`lowrank.analysis.nc1`) of each layer's input features, on
     the first :data:`FEATURE_SAMPLE` training images (``nc1_0``: the pixels).
@@ -229,6 +235,7 @@ def load_result(config: ModelConfig, results_dir: str | Path | None = None) -> T
     with torch.random.fork_rng(devices=[]), default_dtype(config.settings.dtype):  # building draws an init
         model = NeuralNetwork.from_config(config.layers)
     model.load_state_dict(torch.load(folder / MODEL_FILE, map_location="cpu", weights_only=True))
+    _enter_phase(model, config.settings, config.settings.total_epochs)
     model.eval()
     spectra = pd.read_csv(folder / SPECTRA_FILE, **_EXACT_FLOATS) if (folder / SPECTRA_FILE).is_file() else None
     return _result(config, history, info["test_loss"], info["test_accuracy"], model, folder, cached=True,
@@ -248,7 +255,7 @@ def train(
     threads: int = 1,
     data_root: str | Path | None = None,
 ) -> TrainingResult:
-    """Train ``config``'s model for ``settings.num_epochs`` epochs, or return its cached result.
+    """Train ``config``'s model for ``settings.total_epochs`` epochs, or return its cached result.
 
     Args:
         config: the model and its settings.
@@ -337,14 +344,15 @@ def _train(
         else:
             _seed_epoch(splits.train, settings.seed, 0)
             history = [_row(model, 0, evaluate(model, splits.train, device), evaluate(model, splits.val, device),
-                            0.0, 0.0, None, warm_up > 0, probe, spectra)]
+                            0.0, 0.0, None, _phase(settings, 0), probe, spectra)]
             _save_checkpoint(folder / CHECKPOINT_FILE, config, model, optimizer, history, splits.train, spectra)
             if on_epoch is not None:
                 on_epoch(dict(history[0]))
 
-        for epoch in range(history[-1]["epoch"] + 1, settings.num_epochs + 1):
+        for epoch in range(history[-1]["epoch"] + 1, settings.total_epochs + 1):
             _seed_epoch(splits.train, settings.seed, epoch)
-            bar = tqdm(world.shard(splits.train), desc=f"{config.name} {epoch}/{settings.num_epochs}",
+            _enter_phase(model, settings, epoch)
+            bar = tqdm(world.shard(splits.train), desc=f"{config.name} {epoch}/{settings.total_epochs}",
                        disable=not show or not world.main, leave=True, dynamic_ncols=True)
             trained, train_seconds, epoch_seconds = _train_epoch(model, optimizer, bar, device, config, epoch)
             if epoch == warm_up:  # the end of the dense warm-up: factorise, a new optimiser (timed into this epoch)
@@ -360,7 +368,7 @@ def _train(
             if not np.isfinite(validated[0]):
                 raise TrainingDivergedError(config.name, epoch, None, settings.learning_rate, validated[0])
             history.append(_row(model, epoch, trained, validated, train_seconds, epoch_seconds, history[-1],
-                                epoch <= warm_up, probe, spectra))
+                                _phase(settings, epoch), probe, spectra))
             _save_checkpoint(folder / CHECKPOINT_FILE, config, model, optimizer, history, splits.train, spectra)
             if on_epoch is not None:
                 on_epoch(dict(history[-1]))
@@ -406,6 +414,22 @@ def warm_start(config: ModelConfig, dense: NeuralNetwork) -> NeuralNetwork:
         if layer.bias is not None:
             layer.bias.copy_(source.bias.detach().cpu())
     return model.train()
+
+
+def _phase(settings, epoch: int) -> str:
+    """The phase of ``epoch`` (0 = the untrained network): ``"warm-up"``, ``"train"`` or ``"fine-tune"``."""
+    if epoch > settings.num_epochs:
+        return "fine-tune"
+    if settings.warm_start_epochs and epoch <= settings.warm_start_epochs:
+        return "warm-up"
+    return "train"
+
+
+def _enter_phase(model: NeuralNetwork, settings, epoch: int) -> None:
+    """Before training ``epoch``: in the fine-tuning phase every dynamical layer keeps its rank (``adaptive`` off)."""
+    if _phase(settings, epoch) == "fine-tune":
+        for layer in model.dynamical_layers():
+            layer.adaptive = False
 
 
 def _built(config: ModelConfig, device: torch.device) -> NeuralNetwork:
@@ -468,7 +492,7 @@ def _train_epoch(model, optimizer, batches, device, config: ModelConfig, epoch: 
 
 
 def _row(model: NeuralNetwork, epoch: int, trained: tuple[float, float], validated: tuple[float, float],
-         train_seconds: float, epoch_seconds: float, previous: dict | None, dense_warm_up: bool = False,
+         train_seconds: float, epoch_seconds: float, previous: dict | None, phase: str = "train",
          probe: tuple[torch.Tensor, torch.Tensor] | None = None, spectra: list | None = None) -> dict[str, Any]:
     """One history row of plain Python numbers (so checkpoints load with ``weights_only=True``).
 
@@ -494,7 +518,7 @@ def _row(model: NeuralNetwork, epoch: int, trained: tuple[float, float], validat
     row.update({f"erank_{i}": metrics.effective_rank(sigma) for i, sigma in enumerate(sigmas)})
     row.update({f"epsrank_{i}": metrics.epsilon_rank(sigma, metrics.EPSILON_RANK_TOL, "frobenius")
                 for i, sigma in enumerate(sigmas)})
-    row["dense_warm_up"] = bool(dense_warm_up)
+    row["phase"] = phase
     if probe is not None:
         from lowrank.analysis import layer_inputs, nc1
 

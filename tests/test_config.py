@@ -541,3 +541,32 @@ def test_dense_twin_keeps_dims_activations_and_biases():
     assert [layer.init for layer in twin.layers] == ["kaiming", "kaiming"]
     assert twin.settings.warm_start_epochs == 0
     assert twin.settings.learning_rate == model.settings.learning_rate
+
+
+def test_figure_seeds_train_every_model_once_per_seed():
+    text = """
+[figure]
+seeds = [0, 3]
+[settings]
+seed = 7
+[[model]]
+name = "a"
+[[model.layer]]
+type = "dense"
+dims = [784, 10]
+activation = "identity"
+[[model]]
+name = "b"
+[[model.layer]]
+type = "lowrank"
+dims = [784, 10]
+rank = 4
+activation = "identity"
+"""
+    study = config.loads(text, "seeds.toml")
+    assert [m.name for m in study.models] == ["a seed=0", "a seed=3", "b seed=0", "b seed=3"]
+    assert [m.settings.seed for m in study.models] == [0, 3, 0, 3]
+    assert len({m.cache_key() for m in study.models}) == 4
+    for bad, message in (("[0, 0]", "repeats a seed"), ("[-1]", "integers >= 0"), ('"0"', "not a list")):
+        with pytest.raises(config.ConfigError, match=f"seeds.toml: figure.seeds = .*{message}"):
+            config.loads(text.replace("seeds = [0, 3]", f"seeds = {bad}"), "seeds.toml")

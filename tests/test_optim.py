@@ -387,3 +387,13 @@ def test_truncation_keeps_or_drops_a_cluster_of_nearly_equal_singular_values_who
     assert truncated_rank(d, 0.5, r_min=2, r_max=3, cluster_gap=1e-2) == 2  # ... but not below r_min
     assert truncated_rank(d, 0.05, r_min=1, r_max=6, cluster_gap=1e-2) == 5  # no cluster at the cut
 
+
+
+def test_a_layer_started_below_the_rank_of_its_target_grows():
+    """Least squares with a rank-8 target from rank 2: augmentation lets the directions the data need in."""
+    x, y = least_squares(rank_of_target=8, samples=512)
+    layer = make_layer(rank=2, tau=0.05)
+    opt = DLRT([layer], lr=0.5)
+    losses = [opt.step(mse_closure(layer, opt, x, y)).item() for _ in range(150)]
+    assert layer.rank >= 6
+    assert losses[-1] < 0.05 * losses[0]

@@ -2,6 +2,7 @@
 
 import json
 import multiprocessing
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -207,9 +208,9 @@ def test_huge_learning_rate_raises_a_divergence_error(tmp_path):
 def test_history_has_effective_and_epsilon_ranks_of_every_layer(tmp_path):
     result = training.train(model_config("lowrank", subset=500), tmp_path)
     history, last = result.history, result.history.iloc[-1]
-    assert {"erank_0", "erank_1", "epsrank_0", "epsrank_1", "dense_warm_up"} <= set(history.columns)
+    assert {"erank_0", "erank_1", "epsrank_0", "epsrank_1", "phase"} <= set(history.columns)
     assert not any(c.startswith("nc1_") for c in history.columns)
-    assert history.dense_warm_up.tolist() == [False, False]
+    assert history.phase.tolist() == ["train", "train"]
     for i, layer in enumerate(result.model.layers):
         sigma = metrics.layer_singular_values(layer)
         assert last[f"erank_{i}"] == pytest.approx(metrics.effective_rank(sigma), rel=1e-12)
@@ -239,7 +240,7 @@ def test_warm_start_factorises_the_trained_dense_twin(tmp_path):
     cfg = model_config("lowrank", subset=500, num_epochs=3, warm_start_epochs=1)
     result = training.train(cfg, tmp_path)
     history = result.history
-    assert history.dense_warm_up.tolist() == [True, True, False, False]
+    assert history.phase.tolist() == ["warm-up", "warm-up", "train", "train"]
     assert history.rank_0.tolist() == [32, 8, 8, 8]  # dense twin, then factorised at the end of epoch 1
     dense_params, lowrank_params = 784 * 32 + 32 + 32 * 10 + 10, 8 * (784 + 32 + 8) + 32 + 32 * 10 + 10
     assert history.parameters.tolist() == [dense_params] + [lowrank_params] * 3
@@ -318,3 +319,49 @@ def test_track_layers_stores_spectra_and_nc1(tmp_path):
     assert result.history.nc1_1.iloc[-1] == pytest.approx(nc1(hidden, y[:training.FEATURE_SAMPLE]), rel=1e-6)
     cached = training.load_result(cfg, tmp_path)
     pd.testing.assert_frame_equal(cached.spectra, spectra, check_exact=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 12: the two-phase protocol (rank-adaptive, then fixed-rank fine-tuning)
+
+def test_fine_tuning_keeps_the_ranks_reached_and_is_one_history(tmp_path):
+    cfg = model_config("shrinking", num_epochs=2, fine_tune_epochs=2, subset=1000)
+    result = training.train(cfg, tmp_path)
+    history = result.history
+    assert history.epoch.tolist() == [0, 1, 2, 3, 4]
+    assert history.phase.tolist() == ["train", "train", "train", "fine-tune", "fine-tune"]
+    assert history.rank_0[1] < 8  # the adaptive phase changed the rank ...
+    assert history.rank_0[2] == history.rank_0[3] == history.rank_0[4]  # ... the fine-tuning keeps it
+    assert history.train_loss[4] < history.train_loss[2]  # and still trains
+    assert not any(layer.adaptive for layer in result.model.dynamical_layers())
+    assert cfg.cache_key() != model_config("shrinking", num_epochs=2, subset=1000).cache_key()
+
+
+def test_run_resumed_in_the_fine_tuning_phase_has_the_history_of_an_uninterrupted_run(tmp_path):
+    cfg = model_config("shrinking", num_epochs=2, fine_tune_epochs=2, subset=500)
+    uninterrupted = training.train(cfg, tmp_path / "a")
+
+    def interrupt(row):
+        if row["epoch"] == 3:  # the first fine-tuning epoch is checkpointed
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        training.train(cfg, tmp_path / "b", on_epoch=interrupt)
+    resumed = training.train(cfg, tmp_path / "b")
+    timing = list(training.TIMING_COLUMNS)
+    pd.testing.assert_frame_equal(resumed.history.drop(columns=timing), uninterrupted.history.drop(columns=timing),
+                                  check_exact=True)
+    for key, value in uninterrupted.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[key], value), key
+
+
+def test_the_full_length_protocol_of_figure_f_runs_at_tiny_size(tmp_path):
+    """notebooks/configs/fig_f_full.toml (250 + 100 epochs from rank 300, device auto), shrunk to 2 + 1 epochs."""
+    study = config.load(Path(__file__).resolve().parents[1] / "notebooks" / "configs" / "fig_f_full.toml")
+    full = next(m for m in study.models if m.name.startswith("dynamical tau=0.17"))
+    assert (full.settings.num_epochs, full.settings.fine_tune_epochs, full.settings.device) == (250, 100, "auto")
+    assert [layer.rank for layer in full.layers[:-1]] == [300] * 4
+    tiny = full.with_settings(subset=300, num_epochs=2, fine_tune_epochs=1, batch_size=100)
+    result = training.train(tiny, tmp_path)
+    assert result.history.phase.tolist() == ["train", "train", "train", "fine-tune"]
+    assert result.history.rank_0[3] == result.history.rank_0[2] < 300
