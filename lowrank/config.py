@@ -44,12 +44,13 @@ from . import __version__
 
 LAYER_TYPES = ("dense", "lowrank", "dynamical")
 ACTIVATIONS = ("relu", "identity", "tanh", "sigmoid")
-INITS = ("kaiming", "normal", "spectral", "spectral-ones")
+INITS = ("kaiming", "kaiming-flat", "normal", "spectral", "spectral-ones")
 FACTORIZATIONS = ("usv", "uv")
 OPTIMIZERS = ("sgd", "adam")
 DEVICES = ("cpu", "cuda", "auto")
 DTYPES = ("float32", "float64")
 INTEGRATORS = ("kls", "single-pass")
+BASIS_STATES = ("project", "reset")
 # (inputs, classes) of each dataset: the first layer takes the inputs, the last gives the classes.
 DATASETS = {"mnist": (784, 10), "fashion-mnist": (784, 10)}
 # camelCase keys of the seed study's template -> our names
@@ -95,6 +96,9 @@ class Settings:
         "single-pass = S-step gradient from the first pass",
         choices=INTEGRATORS,
     )
+    basis_state: str = option(
+        "project", "DLRT optimiser state when bases change: project = carry Adam's moments to the new bases; "
+                   "reset = drop them every step", choices=BASIS_STATES)
     factor_decay: float = option(
         0.0, "L2 on the factors of lowrank layers: (lambda/2)(||U||² + ||S||² + ||V||²) added to the loss", min=0)
     frobenius_decay: float = option(
@@ -127,8 +131,9 @@ class LayerConfig:
     bias: bool = option(True, "add a bias b")
     init: str = option(
         "kaiming",
-        "kaiming; normal = plain N(0, 1), the seed study's; spectral = SVD of a dense kaiming init; "
-        "spectral-ones = the same with singular values 1 (spectral* for lowrank/dynamical only)",
+        "kaiming (factorised: Gaussian S); kaiming-flat = S = c I, lowrank 0.1's default; normal = plain "
+        "N(0, 1), the seed study's; spectral = SVD of a dense kaiming init; spectral-ones = the same with "
+        "singular values 1 (all but kaiming and normal for lowrank/dynamical only)",
         choices=INITS,
     )
     rank: int | None = option(
@@ -368,7 +373,7 @@ def _layer(table, file: str, where: str) -> LayerConfig:
     layer = LayerConfig(**values)
 
     n = min(layer.dims)
-    if layer.init.startswith("spectral") and layer.type == "dense":
+    if layer.init not in ("kaiming", "normal") and layer.type == "dense":
         raise _error(file, f'{where}.init = "{layer.init}" needs a lowrank or dynamical layer; '
                            f'allowed for a dense layer: "kaiming" | "normal"')
     if layer.type == "lowrank":

@@ -16,6 +16,10 @@ Initialisations (``init=``):
     the dense Kaiming matrix (``E||W||_F^2 = n_in n_out * 2 / n_in``). ``S`` is a Gaussian matrix, not
     ``c I``: its singular values spread over ``[0, ~2 sqrt(2 n_out / r)]`` (quarter-circle law) with gaps of
     order ``||S|| / r``, so no truncation has to choose among equal singular values by rounding.
+``"kaiming-flat"``
+    factorised layers only: the same random orthonormal ``U``, ``V`` with ``S = sqrt(2 n_out / r) I``
+    (``||W||_F^2 = 2 n_out`` exactly, every singular value equal), the default of lowrank 0.1; kept to
+    measure what the flat spectrum does to the truncation (figure (l)).
 ``"normal"``
     the seed study's plain ``N(0, 1)`` entries for every weight factor (kept to reproduce it).
     Dynamical layers orthonormalise ``U`` and ``V`` (QR) since DLRT needs orthonormal bases.
@@ -37,7 +41,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-INITS = ("kaiming", "normal", "spectral", "spectral-ones")
+INITS = ("kaiming", "kaiming-flat", "normal", "spectral", "spectral-ones")
 FACTORIZATIONS = ("usv", "uv")
 
 
@@ -70,12 +74,11 @@ def initial_factors(
             torch.randn(rank, rank, **factory),
             torch.randn(out_features, rank, **factory),
         )
-    if init == "kaiming":
-        return (
-            random_orthonormal(in_features, rank, **factory),
-            torch.randn(rank, rank, **factory) * (math.sqrt(2.0 * out_features) / rank),
-            random_orthonormal(out_features, rank, **factory),
-        )
+    if init in ("kaiming", "kaiming-flat"):
+        u = random_orthonormal(in_features, rank, **factory)  # drawn first, then S, then V
+        s = (torch.randn(rank, rank, **factory) * (math.sqrt(2.0 * out_features) / rank) if init == "kaiming"
+             else torch.eye(rank, **factory) * math.sqrt(2.0 * out_features / rank))
+        return u, s, random_orthonormal(out_features, rank, **factory)
     p, sigma, qt = torch.linalg.svd(kaiming_dense(in_features, out_features, **factory), full_matrices=False)
     singular_values = sigma[:rank] if init == "spectral" else torch.ones(rank, **factory)
     return p[:, :rank], torch.diag(singular_values), qt[:rank].T

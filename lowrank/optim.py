@@ -540,7 +540,7 @@ def build_optimizer(model: nn.Module, settings: Any) -> Optimizers:
     """The optimisers for ``model`` from a :class:`lowrank.config.Settings`-like object.
 
     Uses ``settings.learning_rate``, ``optimizer`` (``"sgd"`` / ``"adam"``), ``momentum``,
-    ``weight_decay`` and ``integrator``.
+    ``weight_decay``, ``integrator`` and ``basis_state``.
     """
     layers = [m for m in model.modules() if isinstance(m, DynamicalLowRank)]
     factors = {id(p) for layer in layers for p in (layer.U, layer.S, layer.V)}
@@ -556,7 +556,7 @@ def build_optimizer(model: nn.Module, settings: Any) -> Optimizers:
         ordinary_opt = torch.optim.SGD(ordinary, lr=lr, momentum=settings.momentum, weight_decay=decay)
     dlrt = (
         DLRT(layers, lr=lr, method=settings.optimizer, momentum=settings.momentum, weight_decay=decay,
-             integrator=settings.integrator)
+             integrator=settings.integrator, basis_state=settings.basis_state)
         if layers
         else None
     )

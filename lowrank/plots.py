@@ -61,6 +61,23 @@ def seed_table(results: Sequence) -> pd.DataFrame:
     return pd.DataFrame(rows).set_index("model")
 
 
+def seed_bars(results: Sequence, title: str = "") -> Figure:
+    """Mean test accuracy of each model over its seeds, with the range of the seeds as an error bar."""
+    groups = seed_groups(results)
+    stats = [seed_statistics(members) for members in groups.values()]
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(groups) + 1.2), layout="constrained")
+    means = [s["test_accuracy"] for s in stats]
+    ax.barh(range(len(groups)), means, xerr=[s["spread"] for s in stats], color=[f"C{i % 10}" for i in range(len(groups))],
+            capsize=3)
+    ax.set_yticks(range(len(groups)), list(groups))
+    ax.invert_yaxis()
+    low, high = min(means), max(means)
+    ax.set(xlabel="test accuracy (%), mean and range over the seeds", title=title,
+           xlim=(low - 0.15 * (high - low) - 0.5, high + 0.1 * (high - low) + 0.5))
+    ax.grid(axis="x", alpha=0.3)
+    return fig
+
+
 def training_curves(results: Sequence, title: str = "") -> Figure:
     """Losses and accuracies per epoch (2 x 2) and each model's training time (the seed study's timer)."""
     fig = plt.figure(figsize=(13, 7), layout="constrained")

@@ -156,6 +156,13 @@ def trend(first: tuple[float, float], last: tuple[float, float]) -> str:
     return "does not change beyond the seed spread"
 
 
+def compare(model: tuple[float, float], reference: tuple[float, float]) -> str:
+    """``model`` against ``reference`` (each ``(mean, spread)``): ``"above"`` / ``"below"`` when the means differ
+    by more than the sum of the two spreads, else ``"within the seed spread of"``."""
+    verdict = trend(reference, model)
+    return {"rises": "above", "falls": "below"}.get(verdict, "within the seed spread of")
+
+
 def max_rank(layer: cfg.LayerConfig) -> int:
     """The largest rank ``layer`` can have: ``r_max`` (dynamical), ``rank`` (lowrank), ``min(dims)`` (dense)."""
     return {"dynamical": layer.r_max, "lowrank": layer.rank}.get(layer.type, min(layer.dims))

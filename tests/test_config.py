@@ -263,7 +263,7 @@ def test_unknown_model_key():
 @pytest.mark.parametrize("key, value, allowed", [
     ("type", '"conv"', '"dense" | "lowrank" | "dynamical"'),
     ("activation", '"relu6"', '"relu" | "identity" | "tanh" | "sigmoid"'),
-    ("init", '"xavier"', '"kaiming" | "normal" | "spectral" | "spectral-ones"'),
+    ("init", '"xavier"', '"kaiming" | "kaiming-flat" | "normal" | "spectral" | "spectral-ones"'),
 ])
 def test_unknown_layer_choice_lists_the_choices(key, value, allowed):
     layer = {"type": '"dense"', "dims": "[784, 512]", key: value}

@@ -237,3 +237,9 @@ def test_sink_switches_skip_basis_gradients_but_keep_the_s_gradient():
             torch.testing.assert_close(layer.sink.k_grad, reference.sink.k_grad)
         else:
             assert layer.sink.k_grad is None and layer.sink.l_grad is None
+
+
+def test_kaiming_flat_factors_have_equal_singular_values_and_the_dense_frobenius_norm():
+    u, s, v = initial_factors(784, 512, 64, "kaiming-flat")
+    torch.testing.assert_close(s, torch.eye(64) * math.sqrt(2 * 512 / 64))
+    assert torch.linalg.matrix_norm(u @ s @ v.T) ** 2 == pytest.approx(2 * 512, rel=1e-4)

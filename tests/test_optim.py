@@ -197,7 +197,8 @@ def test_invalid_hyperparameters_are_rejected(kwargs, message):
 def test_build_optimizer_trains_a_mixed_network_and_restores_state():
     torch.manual_seed(0)
     net = NeuralNetwork([DynamicalLowRank(30, 16, 4, tau=0.1), Dense(16, 5)], ["relu", "identity"])
-    settings = SimpleNamespace(learning_rate=0.01, optimizer="adam", momentum=0.0, weight_decay=0.0, integrator="kls")
+    settings = SimpleNamespace(learning_rate=0.01, optimizer="adam", momentum=0.0, weight_decay=0.0, integrator="kls",
+                               basis_state="project")
     opt = build_optimizer(net, settings)
     x, labels = torch.randn(64, 30), torch.randint(0, 5, (64,))
 
@@ -318,7 +319,8 @@ def test_sgd_momentum_step_runs_and_keeps_state_shapes():
 
 def test_build_optimizer_uses_the_fused_adam_kernel_on_cpu():
     net = NeuralNetwork([Dense(8, 4)], ["identity"])
-    settings = SimpleNamespace(learning_rate=0.01, optimizer="adam", momentum=0.0, weight_decay=0.0, integrator="kls")
+    settings = SimpleNamespace(learning_rate=0.01, optimizer="adam", momentum=0.0, weight_decay=0.0, integrator="kls",
+                               basis_state="project")
     assert build_optimizer(net, settings).ordinary.defaults["fused"]
 
 
@@ -334,7 +336,8 @@ def rotated_copy(model: NeuralNetwork, seed: int) -> NeuralNetwork:
 
 
 def trained_weights(model: NeuralNetwork, x, y, steps: int, lr: float) -> list[torch.Tensor]:
-    settings = SimpleNamespace(learning_rate=lr, optimizer="sgd", momentum=0.0, weight_decay=0.0, integrator="kls")
+    settings = SimpleNamespace(learning_rate=lr, optimizer="sgd", momentum=0.0, weight_decay=0.0, integrator="kls",
+                               basis_state="project")
     opt = build_optimizer(model, settings)
 
     def closure():
