@@ -54,8 +54,9 @@ Ordinary parameters (dense layers, vanilla low-rank factors, the biases of dynam
 ``torch.optim`` optimiser; :func:`build_optimizer` pairs the two.
 
 Cost, per rank-adaptive layer and step, besides the forward/backward pass: two Householder QRs of
-``n x r`` matrices (instead of ``n x 2r``), about a dozen ``(n, r) x (r, r)`` products (projections,
-``U_hat P``, the state's change of basis), one ``2r x 2r`` SVD, and for the single-pass integrator
+``n x r`` matrices (instead of ``n x 2r``) and the two ``r x r`` SVDs of their ``R`` factors that reveal
+their numerical rank, about a dozen ``(n, r) x (r, r)`` products (projections, ``U_hat P``, the state's
+change of basis), one ``2r x 2r`` SVD, and for the single-pass integrator
 ``X Q_U`` and ``Delta Q_V`` (``B n r`` each). The Adam directions of all factors are computed by one
 fused kernel call. ``benchmarks/step.py`` measures the step against a dense network.
 """

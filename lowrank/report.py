@@ -97,15 +97,24 @@ def glue_results(prefix: str, results) -> None:
 
     for result in results:
         key = f"{prefix}_{slug(result.config.name)}"
-        first, last = result.history.iloc[0], result.history.iloc[-1]
+        last = result.history.iloc[-1]
         hidden = [c for c in result.history.columns if c.startswith("rank_")][:-1]
         glue(f"{key}_test_accuracy", round(100 * result.test_accuracy, 2), display=False)
         glue(f"{key}_parameters", int(last["parameters"]), display=False)
         glue(f"{key}_compression", round(100 * float(last["compression"]), 1), display=False)
         glue(f"{key}_seconds", Seconds(last["train_seconds_cum"]), display=False)
         glue(f"{key}_ranks", [int(last[c]) for c in hidden], display=False)
-        glue(f"{key}_initial_ranks", [int(first[c]) for c in hidden], display=False)
-        glue(f"{key}_max_ranks", [max_rank(layer) for layer in result.config.layers[:-1]], display=False)
+        glue_rank_limits(key, result)
+
+
+def glue_rank_limits(key: str, result) -> None:
+    """Glue ``{key}_initial_ranks`` (the hidden ranks of the untrained network) and ``{key}_max_ranks``
+    (:func:`max_rank` of each hidden layer) of ``result``."""
+    from myst_nb import glue
+
+    hidden = [c for c in result.history.columns if c.startswith("rank_")][:-1]
+    glue(f"{key}_initial_ranks", [int(result.history.iloc[0][c]) for c in hidden], display=False)
+    glue(f"{key}_max_ranks", [max_rank(layer) for layer in result.config.layers[:-1]], display=False)
 
 
 def seed_groups(results) -> dict[str, list]:
@@ -132,7 +141,8 @@ def seed_statistics(members) -> dict:
 def glue_seed_results(prefix: str, results) -> None:
     """Glue each model's statistics over its seeds (:func:`seed_statistics`) as ``{prefix}_{slug(model)}_{metric}``:
     ``test_accuracy`` and ``spread`` (%, 2 decimals), ``ranks`` (each seed's final hidden ranks, as text),
-    ``compression`` (%, 1 decimal) and ``seconds`` (mean training time)."""
+    ``compression`` (%, 1 decimal), ``seconds`` (mean training time), and ``initial_ranks`` / ``max_ranks``
+    as :func:`glue_results` (the same for every seed)."""
     from myst_nb import glue
 
     for name, members in seed_groups(results).items():
@@ -142,6 +152,7 @@ def glue_seed_results(prefix: str, results) -> None:
         glue(f"{key}_ranks", Text(" and ".join(str(ranks) for ranks in stats["ranks"])), display=False)
         glue(f"{key}_compression", round(stats["compression"], 1), display=False)
         glue(f"{key}_seconds", Seconds(stats["seconds"]), display=False)
+        glue_rank_limits(key, members[0])
 
 
 def trend(first: tuple[float, float], last: tuple[float, float]) -> str:
@@ -301,30 +312,39 @@ def machine() -> dict[str, str | int]:
             "torch": torch.__version__, "numpy": numpy.__version__, "blas": blas, "lowrank": __version__}
 
 
-def stamp_record(path: Path, figure: Figure, seconds: float) -> None:
+def stamp_record(path: Path, figure: Figure, seconds: float, trained_epochs: int | None) -> None:
     """Store in the executed notebook at ``path`` what it was computed from and on what, and show it.
 
-    The metadata (:data:`RECORD_METADATA`) holds :func:`figure_keys`, :func:`machine`, the UTC time and the
-    wall time; a last markdown cell states the same for the reader of the book.
+    The metadata (:data:`RECORD_METADATA`) holds :func:`figure_keys`, :func:`machine`, the UTC time, the
+    wall time and ``trained_epochs``, the epochs this execution trained (0: every model came from the
+    results cache, and the wall time is that of reading them; ``None`` for a figure that is not a network
+    study); a last markdown cell states the same for the reader of the book.
     """
     import datetime
 
     import nbformat
 
     record = {"keys": figure_keys(figure), "machine": machine(), "wall_seconds": round(seconds, 1),
+              "trained_epochs": trained_epochs,
               "executed": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
     notebook = nbformat.read(path, as_version=4)
     notebook.metadata[RECORD_METADATA] = {"record": record}
-    m = record["machine"]
-    text = (f":::{{admonition}} Record of this page\n"
-            f"Executed {record['executed']} in {record['wall_seconds']:.0f} s of wall time on {m['cpu']} "
+    notebook.cells = [c for c in notebook.cells if "record" not in c.metadata.get("tags", [])]
+    notebook.cells.append(nbformat.v4.new_markdown_cell(record_text(record, figure.name), metadata={"tags": ["record"]}))
+    nbformat.write(notebook, path)
+
+
+def record_text(record: dict, name: str) -> str:
+    """The "Record of this page" box of figure ``name`` for the ``record`` metadata of :func:`stamp_record`."""
+    m, epochs = record["machine"], record["trained_epochs"]
+    trained = ("" if epochs is None else f" ({epochs} epochs trained in this run)" if epochs
+               else " (every model read from the results cache of an earlier run)")
+    return (f":::{{admonition}} Record of this page\n"
+            f"Executed {record['executed']} in {record['wall_seconds']:.0f} s of wall time{trained} on {m['cpu']} "
             f"({m['cores']} cores, {m['torch_threads']} torch thread per figure, ATen {m['cpu_kernels']} kernels): "
             f"Python {m['python']}, torch {m['torch']}, numpy {m['numpy']}, {m['blas']}, lowrank {m['lowrank']}. "
-            f"Reproduce it with `python -m lowrank report --only {figure.name}` "
+            f"Reproduce it with `python -m lowrank report --only {name}` "
             f"(see [Reproducing this report](../reproducibility.md)).\n:::")
-    notebook.cells = [c for c in notebook.cells if "record" not in c.metadata.get("tags", [])]
-    notebook.cells.append(nbformat.v4.new_markdown_cell(text, metadata={"tags": ["record"]}))
-    nbformat.write(notebook, path)
 
 
 def discover(root: Path) -> list[Figure]:
@@ -362,7 +382,8 @@ def execute(figure: Figure, quick: bool, force: bool, results_dir: Path, progres
         raise FigureFailed(f"{figure.name} failed; the executed notebook with the traceback is {figure.output}\n{error}") from None
     hide_parameter_cells(figure.output)
     if not quick:
-        stamp_record(figure.output, figure, time.perf_counter() - start)
+        epochs = trained_epochs(progress_file) if figure_kind(figure.config) == "network" else None
+        stamp_record(figure.output, figure, time.perf_counter() - start, epochs)
     return figure.output
 
 
@@ -390,6 +411,13 @@ def hide_parameter_cells(path: Path) -> None:
         if {"parameters", "injected-parameters"} & set(tags) and "remove-cell" not in tags:
             tags.append("remove-cell")
     nbformat.write(notebook, path)
+
+
+def trained_epochs(progress_file: Path) -> int:
+    """The epochs (``epoch >= 1``) that the figure notebooks reported in ``progress_file`` (:func:`train_figure`)."""
+    with open(progress_file) as stream:
+        events = [json.loads(line) for line in stream if line.endswith("\n")]
+    return sum(1 for event in events if event.get("epoch", 0) >= 1)
 
 
 class ProgressBoard:

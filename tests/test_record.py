@@ -5,6 +5,7 @@ Each executed figure notebook stores the cache keys of the models it was compute
 `lowrank.report.figure_keys` computes now, and these tests fail until `make report` regenerates the record.
 """
 
+import json
 from pathlib import Path
 
 import nbformat
@@ -35,7 +36,8 @@ def test_the_record_was_made_from_the_current_configs_and_library(figure):
 @pytest.mark.parametrize("figure", FIGURES, ids=lambda f: f.name)
 def test_the_record_states_when_and_on_what_it_ran(figure):
     stored = record(figure)
-    assert stored["wall_seconds"] > 0 and stored["executed"].endswith("UTC")
+    assert stored["wall_seconds"] > 0 and stored["executed"].endswith("UTC") 
+    assert (stored["trained_epochs"] is None) == (report.figure_kind(figure.config) != "network")
     machine = stored["machine"]
     assert {"cpu", "cores", "torch_threads", "cpu_kernels", "torch", "numpy", "blas", "lowrank"} <= machine.keys()
     assert machine["lowrank"] == __version__
@@ -60,8 +62,17 @@ def test_stamp_record_replaces_the_previous_record(tmp_path):
     path = tmp_path / "fig_j.ipynb"
     nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell("# fig j")]), path)
     for seconds in (12.0, 34.0):
-        report.stamp_record(path, figure, seconds)
+        report.stamp_record(path, figure, seconds, trained_epochs=0)
     notebook = nbformat.read(path, as_version=4)
     assert [c.metadata.get("tags", []) for c in notebook.cells] == [[], ["record"]]
     assert notebook.metadata["lowrank"]["record"]["wall_seconds"] == 34.0
     assert notebook.metadata["lowrank"]["record"]["keys"] == report.figure_keys(figure)
+    assert "every model read from the results cache" in notebook.cells[-1].source
+
+
+def test_trained_epochs_counts_the_epochs_a_figure_reported(tmp_path):
+    progress = tmp_path / "fig.jsonl"
+    lines = [{"started": "fig.ipynb"}, {"model": "a", "epoch": 0, "epochs": 2}, {"model": "a", "epoch": 1, "epochs": 2},
+             {"model": "a", "epoch": 2, "epochs": 2}]
+    progress.write_text("".join(json.dumps(line) + "\n" for line in lines) + '{"model": "b", "ep')  # a partial line
+    assert report.trained_epochs(progress) == 2
