@@ -13,7 +13,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from lowrank.report import Seconds, seed_groups, seed_statistics
+from lowrank.report import Seconds, hidden_rank_columns, seed_groups, seed_statistics
 
 CURVES = (("train_loss", "training loss"), ("val_loss", "validation loss"),
           ("train_accuracy", "training accuracy"), ("val_accuracy", "validation accuracy"))
@@ -34,7 +34,7 @@ def summary_table(results: Sequence, readable: bool = True) -> pd.DataFrame:
     rows = []
     for result in results:
         last = result.history.iloc[-1]
-        ranks = [int(last[c]) for c in result.history.columns if c.startswith("rank_")][:-1]
+        ranks = [int(last[c]) for c in hidden_rank_columns(result.history)]
         seconds = float(last["train_seconds_cum"])
         rows.append({
             "model": result.config.name,
@@ -107,7 +107,7 @@ def training_curves(results: Sequence, title: str = "") -> Figure:
 
 def rank_curves(results: Sequence) -> Figure:
     """Each low-rank layer's rank per epoch (one panel per hidden layer, one line per model)."""
-    layers = [c for c in results[0].history.columns if c.startswith("rank_")][:-1]
+    layers = hidden_rank_columns(results[0].history)
     fig, axes = plt.subplots(1, len(layers), figsize=(5 * len(layers), 3.5), layout="constrained", squeeze=False)
     for ax, column in zip(axes[0], layers):
         for result in results:

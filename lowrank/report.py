@@ -84,6 +84,11 @@ def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
 
 
+def hidden_rank_columns(history) -> list[str]:
+    """The ``rank_<i>`` columns of a history for every layer but the output layer."""
+    return [c for c in history.columns if c.startswith("rank_")][:-1]
+
+
 def glue_results(prefix: str, results) -> None:
     """Glue each model's headline numbers for the book's prose, as ``{prefix}_{slug(name)}_{metric}``.
 
@@ -98,7 +103,7 @@ def glue_results(prefix: str, results) -> None:
     for result in results:
         key = f"{prefix}_{slug(result.config.name)}"
         last = result.history.iloc[-1]
-        hidden = [c for c in result.history.columns if c.startswith("rank_")][:-1]
+        hidden = hidden_rank_columns(result.history)
         glue(f"{key}_test_accuracy", round(100 * result.test_accuracy, 2), display=False)
         glue(f"{key}_parameters", int(last["parameters"]), display=False)
         glue(f"{key}_compression", round(100 * float(last["compression"]), 1), display=False)
@@ -112,7 +117,7 @@ def glue_rank_limits(key: str, result) -> None:
     (:func:`max_rank` of each hidden layer) of ``result``."""
     from myst_nb import glue
 
-    hidden = [c for c in result.history.columns if c.startswith("rank_")][:-1]
+    hidden = hidden_rank_columns(result.history)
     glue(f"{key}_initial_ranks", [int(result.history.iloc[0][c]) for c in hidden], display=False)
     glue(f"{key}_max_ranks", [max_rank(layer) for layer in result.config.layers[:-1]], display=False)
 
@@ -131,7 +136,7 @@ def seed_statistics(members) -> dict:
     each seed, mean compression (%) and mean training seconds."""
     accuracy = [100 * r.test_accuracy for r in members]
     lasts = [r.history.iloc[-1] for r in members]
-    hidden = [c for c in members[0].history.columns if c.startswith("rank_")][:-1]
+    hidden = hidden_rank_columns(members[0].history)
     return {"test_accuracy": sum(accuracy) / len(accuracy), "spread": (max(accuracy) - min(accuracy)) / 2,
             "ranks": [[int(last[c]) for c in hidden] for last in lasts], "seeds": len(members),
             "compression": 100 * sum(float(last["compression"]) for last in lasts) / len(lasts),
