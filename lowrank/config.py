@@ -45,6 +45,9 @@ from . import __version__
 LAYER_TYPES = ("dense", "lowrank", "dynamical")
 ACTIVATIONS = ("relu", "identity", "tanh", "sigmoid")
 INITS = ("kaiming", "kaiming-flat", "normal", "spectral", "spectral-ones")
+# init_scale of a dynamical layer with the default kaiming init, unless set (lowrank.layers.DYNAMICAL_INIT_SCALE);
+# every other layer and init: 1.
+DYNAMICAL_INIT_SCALE = 0.2
 FACTORIZATIONS = ("usv", "uv")
 OPTIMIZERS = ("sgd", "adam")
 DEVICES = ("cpu", "cuda", "auto")
@@ -123,7 +126,7 @@ class Settings:
 
 @dataclass(frozen=True)
 class LayerConfig:
-    """One layer: a [[layer]] table. `rank` and `r_max` of a dynamical layer are resolved (never None)."""
+    """One layer: a [[layer]] table. `init_scale`, and `rank` and `r_max` of a dynamical layer, are resolved (never None)."""
 
     type: str = option(help="dense: z = a W + b; lowrank: W = U S Vᵀ at fixed rank; dynamical: DLRT", choices=LAYER_TYPES)
     dims: tuple[int, int] = option(help="(in_features, out_features)", min=1)
@@ -135,6 +138,12 @@ class LayerConfig:
         "N(0, 1), the seed study's; spectral = SVD of a dense kaiming init; spectral-ones = the same with "
         "singular values 1 (all but kaiming and normal for lowrank/dynamical only)",
         choices=INITS,
+    )
+    init_scale: float | None = option(
+        None,
+        "multiplies the initial W; default 0.2 for a dynamical layer with init = kaiming (training, not the draw, "
+        "then sets the spectrum the truncation ranks), 1 for every other layer and init",
+        above=0,
     )
     rank: int | None = option(
         None,
@@ -181,7 +190,7 @@ class ModelConfig:
         What a warm start (``settings.warm_start_epochs``) trains first, and what ``compression`` compares to.
         """
         layers = tuple(LayerConfig("dense", layer.dims, layer.activation, layer.bias,
-                                   "normal" if layer.init == "normal" else "kaiming")
+                                   "normal" if layer.init == "normal" else "kaiming", 1.0)
                        for layer in self.layers)
         return ModelConfig(self.name, dataclasses.replace(self.settings, warm_start_epochs=0), layers)
 
@@ -357,7 +366,7 @@ def _layers(tables, settings: Settings, file: str, prefix: str) -> tuple[LayerCo
 
 
 def _layer(table, file: str, where: str) -> LayerConfig:
-    """One [[layer]] table as a LayerConfig, with rank and r_max of a dynamical layer resolved."""
+    """One [[layer]] table as a LayerConfig, with its init_scale and a dynamical layer's rank and r_max resolved."""
     if not isinstance(table, dict):
         raise _error(file, f"{where} is {_show(table)}; allowed: a table [[layer]]")
     values = _values(LayerConfig, table, file, where)
@@ -371,6 +380,9 @@ def _layer(table, file: str, where: str) -> LayerConfig:
             raise _error(file, f'{where}.{f.name} is not used by a {kind} layer (only by {" and ".join(f.metadata["types"])}); '
                                f"allowed keys of a {kind} layer: {keys}")
     layer = LayerConfig(**values)
+    if layer.init_scale is None:
+        small = kind == "dynamical" and layer.init == "kaiming"
+        layer = dataclasses.replace(layer, init_scale=DYNAMICAL_INIT_SCALE if small else 1.0)
 
     n = min(layer.dims)
     if layer.init not in ("kaiming", "normal") and layer.type == "dense":

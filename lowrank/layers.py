@@ -30,6 +30,18 @@ Initialisations (``init=``):
 ``"spectral-ones"``
     the same singular vectors with every singular value set to one.
 
+Every layer also takes ``init_scale`` (``c > 0``), which multiplies the initial ``W`` (``S``, or ``U`` and
+``V`` by ``sqrt(c)`` each without ``S``; a dense layer's ``W``). With its default ``"kaiming"`` init,
+:class:`DynamicalLowRank` defaults to ``c =`` :data:`DYNAMICAL_INIT_SCALE` = 0.2; every other layer and
+init to 1 (``"normal"`` stays the seed study's ``N(0, 1)``, ``"spectral"`` the dense scale). A rank-adaptive layer truncates at
+``tau ||S||_F``. Started at the Kaiming scale, ``||W||_F`` stays near its initial ``sqrt(2 n_out)`` for many
+epochs of Adam at ``h = 1e-3`` (each step moves each factor entry by about ``h``), so the truncations keep
+cutting the initial random spectrum and the rank is set by ``tau`` and the draw; and a new direction, which
+enters ``S_hat`` with a singular value of order ``h r``, never survives ``tau ||S||_F``, so ranks can only
+fall. Started small, ``W`` is built by the training steps within the first few hundred of them, the ranks
+can grow while ``||S||_F`` is small, and the truncation ranks the directions the gradients built (the book,
+section "Initialisation and rank").
+
 Biases start at zero, except with ``init="normal"`` where they are ``N(0, 1)`` like the weights.
 """
 
@@ -42,12 +54,16 @@ import torch
 from torch import Tensor, nn
 
 INITS = ("kaiming", "kaiming-flat", "normal", "spectral", "spectral-ones")
+# The default init_scale of DynamicalLowRank: W starts at 20 % of the Kaiming scale (module docstring).
+DYNAMICAL_INIT_SCALE = 0.2
 FACTORIZATIONS = ("usv", "uv")
 
 
-def _check_init(init: str, allowed: tuple[str, ...] = INITS) -> None:
+def _check_init(init: str, init_scale: float, allowed: tuple[str, ...] = INITS) -> None:
     if init not in allowed:
         raise ValueError(f"init = {init!r} is not one of {allowed}")
+    if not init_scale > 0:
+        raise ValueError(f"init_scale = {init_scale} must be positive")
 
 
 def kaiming_dense(in_features: int, out_features: int, **factory: object) -> Tensor:
@@ -61,27 +77,27 @@ def random_orthonormal(rows: int, cols: int, **factory: object) -> Tensor:
 
 
 def initial_factors(
-    in_features: int, out_features: int, rank: int, init: str, **factory: object
+    in_features: int, out_features: int, rank: int, init: str, init_scale: float = 1.0, **factory: object
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Factors ``(U, S, V)`` of shapes ``(n_in, r), (r, r), (n_out, r)`` for the given ``init``.
+    """Factors ``(U, S, V)`` of shapes ``(n_in, r), (r, r), (n_out, r)`` for the given ``init``, ``S`` times ``init_scale``.
 
     For every init except ``"normal"``, ``U`` and ``V`` have orthonormal columns.
     """
-    _check_init(init)
+    _check_init(init, init_scale)
     if init == "normal":
-        return (
-            torch.randn(in_features, rank, **factory),
-            torch.randn(rank, rank, **factory),
-            torch.randn(out_features, rank, **factory),
-        )
-    if init in ("kaiming", "kaiming-flat"):
+        u = torch.randn(in_features, rank, **factory)
+        s = torch.randn(rank, rank, **factory)
+        v = torch.randn(out_features, rank, **factory)
+    elif init in ("kaiming", "kaiming-flat"):
         u = random_orthonormal(in_features, rank, **factory)  # drawn first, then S, then V
         s = (torch.randn(rank, rank, **factory) * (math.sqrt(2.0 * out_features) / rank) if init == "kaiming"
              else torch.eye(rank, **factory) * math.sqrt(2.0 * out_features / rank))
-        return u, s, random_orthonormal(out_features, rank, **factory)
-    p, sigma, qt = torch.linalg.svd(kaiming_dense(in_features, out_features, **factory), full_matrices=False)
-    singular_values = sigma[:rank] if init == "spectral" else torch.ones(rank, **factory)
-    return p[:, :rank], torch.diag(singular_values), qt[:rank].T
+        v = random_orthonormal(out_features, rank, **factory)
+    else:
+        p, sigma, qt = torch.linalg.svd(kaiming_dense(in_features, out_features, **factory), full_matrices=False)
+        singular_values = sigma[:rank] if init == "spectral" else torch.ones(rank, **factory)
+        u, s, v = p[:, :rank], torch.diag(singular_values), qt[:rank].T
+    return u, s * init_scale, v
 
 
 def skinny_mm(a: Tensor, b: Tensor) -> Tensor:
@@ -271,13 +287,14 @@ def dense_product(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
 class _Affine(nn.Module):
     """Shared bias handling of the three layers: ``in_features``, ``out_features`` and an optional bias."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, init: str) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool, init: str, init_scale: float) -> None:
         super().__init__()
         if in_features < 1 or out_features < 1:
             raise ValueError(f"in_features and out_features must be >= 1, got {in_features}, {out_features}")
         self.in_features = in_features
         self.out_features = out_features
         self.init = init
+        self.init_scale = init_scale
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
 
     def reset_bias(self) -> None:
@@ -298,15 +315,17 @@ class Dense(_Affine):
         out_features: ``n_out``, size of each output sample.
         bias: learn an additive bias ``b`` of shape ``(n_out,)``.
         init: ``"kaiming"`` (``N(0, 2/n_in)``) or ``"normal"`` (``N(0, 1)``).
+        init_scale: ``c > 0``, the initial ``W`` is ``c`` times the draw.
 
     Shapes: input ``(*, n_in)``, output ``(*, n_out)``, ``weight`` ``(n_in, n_out)`` (the transpose of
     ``torch.nn.Linear.weight``, to match ``Z = A W + b``). Parameters ``n_in n_out + n_out``; cost per sample
     ``2 n_in n_out`` multiply-adds.
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, init: str = "kaiming") -> None:
-        _check_init(init, ("kaiming", "normal"))
-        super().__init__(in_features, out_features, bias, init)
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, init: str = "kaiming",
+                 init_scale: float = 1.0) -> None:
+        _check_init(init, init_scale, ("kaiming", "normal"))
+        super().__init__(in_features, out_features, bias, init, init_scale)
         self.weight = nn.Parameter(torch.empty(in_features, out_features))
         self.reset_parameters()
 
@@ -316,6 +335,7 @@ class Dense(_Affine):
                 self.weight.normal_()
             else:
                 self.weight.copy_(kaiming_dense(self.in_features, self.out_features))
+            self.weight.mul_(self.init_scale)
         self.reset_bias()
 
     def forward(self, x: Tensor) -> Tensor:
@@ -334,7 +354,8 @@ class LowRank(_Affine):
         in_features, out_features, bias: as in :class:`Dense`.
         rank: ``r``, ``1 <= r <= min(n_in, n_out)``.
         factorization: ``"usv"`` (``W = U S V^T``) or ``"uv"`` (``W = U V^T``, no ``S``).
-        init: one of ``"kaiming"``, ``"normal"``, ``"spectral"``, ``"spectral-ones"`` (module docstring).
+        init: one of :data:`INITS` (module docstring).
+        init_scale: ``c > 0``, the initial ``W`` is ``c`` times the draw.
 
     Shapes: ``U`` ``(n_in, r)``, ``S`` ``(r, r)``, ``V`` ``(n_out, r)``. Parameters
     ``r (n_in + n_out + r) + n_out`` (``r (n_in + n_out) + n_out`` for ``"uv"``); cost per sample
@@ -349,13 +370,14 @@ class LowRank(_Affine):
         bias: bool = True,
         factorization: str = "usv",
         init: str = "kaiming",
+        init_scale: float = 1.0,
     ) -> None:
-        _check_init(init)
+        _check_init(init, init_scale)
         if factorization not in FACTORIZATIONS:
             raise ValueError(f"factorization = {factorization!r} is not one of {FACTORIZATIONS}")
         if not 1 <= rank <= min(in_features, out_features):
             raise ValueError(f"rank = {rank} must be in 1..min(in_features, out_features) = {min(in_features, out_features)}")
-        super().__init__(in_features, out_features, bias, init)
+        super().__init__(in_features, out_features, bias, init, init_scale)
         self.rank = rank
         self.factorization = factorization
         self.U = nn.Parameter(torch.empty(in_features, rank))
@@ -364,11 +386,13 @@ class LowRank(_Affine):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        u, s, v = initial_factors(self.in_features, self.out_features, self.rank, self.init)
+        u, s, v = initial_factors(self.in_features, self.out_features, self.rank, self.init, self.init_scale)
         with torch.no_grad():
             if self.S is None and self.init != "normal":  # S = A diag(sigma) B^T: U A sigma^{1/2}, V B sigma^{1/2}
                 left, sigma, right_t = torch.linalg.svd(s)
                 u, v = (u @ left) * sigma.sqrt(), (v @ right_t.T) * sigma.sqrt()
+            elif self.S is None:  # the seed study's N(0, 1) U and V, each scaled by sqrt(c)
+                u, v = u * math.sqrt(self.init_scale), v * math.sqrt(self.init_scale)
             if self.S is not None:
                 self.S.copy_(s)
             self.U.copy_(u)
@@ -404,7 +428,10 @@ class DynamicalLowRank(_Affine):
         r_min: smallest rank after truncation, ``>= 1``.
         tau: relative truncation tolerance, ``0 <= tau < 1``.
         adaptive: rank-adaptive (augment and truncate) or fixed rank.
-        init: ``"kaiming"``, ``"normal"``, ``"spectral"`` or ``"spectral-ones"``.
+        init: one of :data:`INITS` (module docstring).
+        init_scale: ``c > 0``, the initial ``W`` is ``c`` times the draw; default (``None``)
+            :data:`DYNAMICAL_INIT_SCALE` for ``"kaiming"``, which leaves the spectrum to training (module
+            docstring), 1 for the other inits.
 
     Shapes: ``U`` ``(n_in, r)``, ``S`` ``(r, r)``, ``V`` ``(n_out, r)``; parameters
     ``r (n_in + n_out + r) + n_out``; cost per sample ``2 r (n_in + n_out + r)`` multiply-adds.
@@ -424,8 +451,11 @@ class DynamicalLowRank(_Affine):
         tau: float = 0.1,
         adaptive: bool = True,
         init: str = "kaiming",
+        init_scale: float | None = None,
     ) -> None:
-        _check_init(init)
+        if init_scale is None:
+            init_scale = DYNAMICAL_INIT_SCALE if init == "kaiming" else 1.0
+        _check_init(init, init_scale)
         r_max = min(in_features, out_features) if r_max is None else r_max
         if not 1 <= r_min <= rank <= r_max <= min(in_features, out_features):
             raise ValueError(
@@ -434,7 +464,7 @@ class DynamicalLowRank(_Affine):
             )
         if not 0.0 <= tau < 1.0:
             raise ValueError(f"tau = {tau} must be in [0, 1)")
-        super().__init__(in_features, out_features, bias, init)
+        super().__init__(in_features, out_features, bias, init, init_scale)
         self.r_max, self.r_min, self.tau, self.adaptive = r_max, r_min, tau, adaptive
         self.initial_rank = rank
         self.sink = GradientSink()
@@ -449,7 +479,7 @@ class DynamicalLowRank(_Affine):
         return self.U.shape[1]
 
     def reset_parameters(self) -> None:
-        u, s, v = initial_factors(self.in_features, self.out_features, self.initial_rank, self.init)
+        u, s, v = initial_factors(self.in_features, self.out_features, self.initial_rank, self.init, self.init_scale)
         if self.init == "normal":  # DLRT needs orthonormal bases; keep the seed study's N(0, 1) S
             u, v = torch.linalg.qr(u)[0], torch.linalg.qr(v)[0]
         self.set_factors(u, s, v)

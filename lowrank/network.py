@@ -26,13 +26,14 @@ def build_layer(spec) -> nn.Module:
     """One layer from a :class:`lowrank.config.LayerConfig` (``type``, ``dims`` and its type's options)."""
     in_features, out_features = spec.dims
     if spec.type == "dense":
-        return Dense(in_features, out_features, bias=spec.bias, init=spec.init)
+        return Dense(in_features, out_features, bias=spec.bias, init=spec.init, init_scale=spec.init_scale)
     if spec.type == "lowrank":
         return LowRank(in_features, out_features, spec.rank, bias=spec.bias, factorization=spec.factorization,
-                       init=spec.init)
+                       init=spec.init, init_scale=spec.init_scale)
     if spec.type == "dynamical":
         return DynamicalLowRank(in_features, out_features, spec.rank, bias=spec.bias, r_max=spec.r_max,
-                                r_min=spec.r_min, tau=spec.tau, adaptive=spec.adaptive, init=spec.init)
+                                r_min=spec.r_min, tau=spec.tau, adaptive=spec.adaptive, init=spec.init,
+                                init_scale=spec.init_scale)
     raise ValueError(f"layer type {spec.type!r} is not one of ('dense', 'lowrank', 'dynamical')")
 
 

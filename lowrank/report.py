@@ -112,14 +112,26 @@ def glue_results(prefix: str, results) -> None:
         glue_rank_limits(key, result)
 
 
+def epochs_at_max_rank(result) -> int:
+    """How many epochs of ``result`` ended with some hidden layer of a dynamical network at its :func:`max_rank`
+    (``r_max``): the epochs in which the truncation was clamped instead of choosing the rank."""
+    hidden = hidden_rank_columns(result.history)
+    limits = [max_rank(layer) for layer in result.config.layers[:-1]]
+    dynamical = [layer.type == "dynamical" for layer in result.config.layers[:-1]]
+    rows = result.history.iloc[1:]
+    return int(sum(any(flag and int(row[c]) >= limit for c, limit, flag in zip(hidden, limits, dynamical))
+                   for _, row in rows.iterrows()))
+
+
 def glue_rank_limits(key: str, result) -> None:
-    """Glue ``{key}_initial_ranks`` (the hidden ranks of the untrained network) and ``{key}_max_ranks``
-    (:func:`max_rank` of each hidden layer) of ``result``."""
+    """Glue ``{key}_initial_ranks`` (the hidden ranks of the untrained network), ``{key}_max_ranks``
+    (:func:`max_rank` of each hidden layer) and ``{key}_epochs_at_max_rank`` (:func:`epochs_at_max_rank`)."""
     from myst_nb import glue
 
     hidden = hidden_rank_columns(result.history)
     glue(f"{key}_initial_ranks", [int(result.history.iloc[0][c]) for c in hidden], display=False)
     glue(f"{key}_max_ranks", [max_rank(layer) for layer in result.config.layers[:-1]], display=False)
+    glue(f"{key}_epochs_at_max_rank", epochs_at_max_rank(result), display=False)
 
 
 def seed_groups(results) -> dict[str, list]:
@@ -141,6 +153,16 @@ def seed_statistics(members) -> dict:
             "ranks": [[int(last[c]) for c in hidden] for last in lasts], "seeds": len(members),
             "compression": 100 * sum(float(last["compression"]) for last in lasts) / len(lasts),
             "seconds": sum(float(last["train_seconds_cum"]) for last in lasts) / len(lasts)}
+
+
+def ranks_differ(first: dict, second: dict) -> bool:
+    """Whether two models' final ranks differ beyond their seeds: in some hidden layer, the ranges of the seeds'
+    ranks (``seed_statistics(...)["ranks"]``) do not overlap."""
+    for layer in range(len(first["ranks"][0])):
+        a, b = [ranks[layer] for ranks in first["ranks"]], [ranks[layer] for ranks in second["ranks"]]
+        if max(a) < min(b) or max(b) < min(a):
+            return True
+    return False
 
 
 def glue_seed_results(prefix: str, results) -> None:

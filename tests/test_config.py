@@ -6,7 +6,7 @@ import textwrap
 
 import pytest
 
-from lowrank import config
+from lowrank import config, layers, optim
 from lowrank.config import ConfigError, LayerConfig, ModelConfig, Settings, Study
 
 FILE = "notebooks/configs/fig_a.toml"
@@ -137,6 +137,9 @@ def test_defaults_are_resolved():
         "adam", 0.0, 0.0, 0, "mnist", None, "cpu", "kls")
     first = model.layers[0]
     assert (first.activation, first.bias, first.init, first.r_min, first.adaptive) == ("relu", True, "kaiming", 1, True)
+    assert first.init_scale == 0.2 and model.layers[-1].init_scale == 1.0  # dynamical and dense defaults
+    normal = load_text(SEED.replace('type = "dynamical"', 'type = "dynamical"\ninit = "normal"', 1)).models[0]
+    assert normal.layers[0].init_scale == 1.0  # an explicit init other than kaiming keeps its own scale
     assert first.r_max == 512  # min(dims)
     assert first.rank == 256  # max(r_min, r_max // 2)
 
@@ -158,7 +161,8 @@ def test_to_dict_is_json_able_and_lists_only_the_keys_a_layer_type_uses():
     import json
     d = load_text(FIGURE).models[1].to_dict()
     assert json.loads(json.dumps(d)) == d
-    assert d["layers"][1] == {"type": "dense", "dims": [256, 10], "activation": "identity", "bias": True, "init": "kaiming"}
+    assert d["layers"][1] == {"type": "dense", "dims": [256, 10], "activation": "identity", "bias": True, "init": "kaiming",
+                             "init_scale": 1.0}
     assert "tau" not in d["layers"][0] and d["layers"][0]["factorization"] == "uv"
     assert d["settings"]["momentum"] == 0.9
 
@@ -570,3 +574,10 @@ activation = "identity"
     for bad, message in (("[0, 0]", "repeats a seed"), ("[-1]", "integers >= 0"), ('"0"', "not a list")):
         with pytest.raises(config.ConfigError, match=f"seeds.toml: figure.seeds = .*{message}"):
             config.loads(text.replace("seeds = [0, 3]", f"seeds = {bad}"), "seeds.toml")
+
+
+def test_the_choices_of_the_config_are_the_library_s():
+    """config.py stays free of torch, so it writes the library's choice constants again; they must agree."""
+    assert (config.INITS, config.FACTORIZATIONS) == (layers.INITS, layers.FACTORIZATIONS)
+    assert (config.INTEGRATORS, config.BASIS_STATES) == (optim.INTEGRATORS, optim.BASIS_STATES)
+    assert config.DYNAMICAL_INIT_SCALE == layers.DYNAMICAL_INIT_SCALE

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from lowrank.layers import (
+    DYNAMICAL_INIT_SCALE,
     Dense,
     DynamicalLowRank,
     GradientSink,
@@ -237,6 +238,30 @@ def test_sink_switches_skip_basis_gradients_but_keep_the_s_gradient():
             torch.testing.assert_close(layer.sink.k_grad, reference.sink.k_grad)
         else:
             assert layer.sink.k_grad is None and layer.sink.l_grad is None
+
+
+@pytest.mark.parametrize("init", ["kaiming", "normal", "spectral"])
+def test_init_scale_multiplies_the_initial_weight(init):
+    for make in (lambda c: DynamicalLowRank(40, 30, 6, init=init, init_scale=c),
+                 lambda c: LowRank(40, 30, 6, init=init, init_scale=c),
+                 lambda c: LowRank(40, 30, 6, factorization="uv", init=init, init_scale=c)):
+        torch.manual_seed(5)
+        reference = effective_weight(make(1.0))
+        torch.manual_seed(5)
+        torch.testing.assert_close(effective_weight(make(0.3)), 0.3 * reference)
+    torch.manual_seed(5)
+    reference = Dense(40, 30, init="normal" if init == "normal" else "kaiming").weight
+    torch.manual_seed(5)
+    torch.testing.assert_close(Dense(40, 30, init="normal" if init == "normal" else "kaiming", init_scale=0.3).weight,
+                               0.3 * reference)
+
+
+def test_dynamical_layers_start_small_and_the_others_at_the_kaiming_scale():
+    assert DynamicalLowRank(30, 20, 4).init_scale == DYNAMICAL_INIT_SCALE == 0.2
+    assert DynamicalLowRank(30, 20, 4, init="normal").init_scale == 1.0  # the seed study's N(0, 1) as it was
+    assert LowRank(30, 20, 4).init_scale == Dense(30, 20).init_scale == 1.0
+    with pytest.raises(ValueError, match="init_scale = 0 must be positive"):
+        DynamicalLowRank(30, 20, 4, init_scale=0)
 
 
 def test_kaiming_flat_factors_have_equal_singular_values_and_the_dense_frobenius_norm():

@@ -1,8 +1,10 @@
 """The report runner: figure discovery, quick settings, ordering, failures, and the values it glues."""
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import nbformat
+import pandas as pd
 import pytest
 
 from lowrank import config, report
@@ -135,3 +137,37 @@ def test_an_invalid_config_stops_before_any_notebook_runs(tmp_path):
     with pytest.raises(config.ConfigError, match="fig_z.toml: settings.num_epochs = 0"):
         report.run(root=tmp_path, build=False, results_dir=tmp_path / "results")
     assert not (tmp_path / "book" / "figures" / "fig_z.ipynb").exists()
+
+
+def test_trend_and_compare_count_a_change_only_beyond_the_sum_of_the_seed_spreads():
+    assert report.trend((97.0, 0.1), (96.5, 0.2)) == "falls"
+    assert report.trend((97.0, 0.3), (96.5, 0.3)) == "does not change beyond the seed spread"
+    assert report.trend((96.5, 0.1), (97.0, 0.1)) == "rises"
+    assert report.compare((97.5, 0.1), (97.0, 0.1)) == "above"
+    assert report.compare((96.5, 0.1), (97.0, 0.1)) == "below"
+    assert report.compare((97.1, 0.1), (97.0, 0.1)) == "within the seed spread of"
+
+
+def test_ranks_differ_when_some_layer_s_seed_ranges_do_not_overlap():
+    first = {"ranks": [[40, 50], [42, 51]]}
+    assert report.ranks_differ(first, {"ranks": [[41, 53], [40, 52]]})  # second layer: 50-51 against 52-53
+    assert not report.ranks_differ(first, {"ranks": [[42, 51], [44, 49]]})  # both layers overlap
+    assert not report.ranks_differ(first, first)
+
+
+def test_epochs_at_max_rank_counts_the_epochs_a_dynamical_layer_ends_clamped_at_r_max():
+    model = config.loads("""
+[[layer]]
+type = "dynamical"
+dims = [784, 64]
+rank = 16
+r_max = 32
+[[layer]]
+type = "dense"
+dims = [64, 10]
+activation = "identity"
+""").models[0]
+    history = pd.DataFrame({"epoch": [0, 1, 2, 3], "rank_0": [16, 32, 32, 30], "rank_1": [10, 10, 10, 10]})
+    assert report.epochs_at_max_rank(SimpleNamespace(config=model, history=history)) == 2
+    history["rank_0"] = [32, 31, 20, 12]  # the untrained network (epoch 0) does not count
+    assert report.epochs_at_max_rank(SimpleNamespace(config=model, history=history)) == 0
