@@ -64,7 +64,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 from torch import Tensor, nn
@@ -73,6 +72,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry, shape_wrapper
 
+from lowrank.config import Settings
 from lowrank.layers import Dense, DynamicalLowRank, LowRank
 from lowrank.metrics import parameter_count
 from lowrank.network import NeuralNetwork
@@ -121,9 +121,7 @@ def build_optimizer_for(variant: str, model: nn.Module):
     for every ordinary parameter (all of dense and vanilla, the biases and output layer of DLRT networks)
     and DLRT with Adam updates for the dynamical layers."""
     integrator = variant.split("/")[1] if variant.startswith("dlrt") else "kls"
-    settings = SimpleNamespace(learning_rate=LEARNING_RATE, optimizer="adam", momentum=0.0, weight_decay=0.0,
-                               integrator=integrator)
-    return build_optimizer(model, settings)
+    return build_optimizer(model, Settings(learning_rate=LEARNING_RATE, optimizer="adam", integrator=integrator))
 
 
 @dataclass

@@ -289,6 +289,10 @@ class DLRT(torch.optim.Optimizer):
         weight_decay: ``lambda >= 0``, decay of ``W`` (see module docstring).
         integrator: ``"kls"`` or ``"single-pass"`` (module docstring).
         basis_state: ``"project"`` or ``"reset"``, what happens to the optimiser state when bases change.
+        basis_interval: ``k >= 1``. Steps ``1, k + 1, 2k + 1, ...`` are full DLRT steps (K-, L- and S-steps,
+            augmentation and truncation); the ``k - 1`` steps in between are S-steps on the fixed bases,
+            ``S <- S - h D_S`` with ``D_S`` from ``dL/dS = U^T G V`` of one forward and backward pass (no QR, no
+            SVD, no second pass; the rank and the K, L state stay as they are). ``k = 1`` is the classic step.
 
     ``step(closure)``: the closure clears gradients, evaluates the loss, calls ``backward()`` and returns the
     loss, as for ``torch.optim.LBFGS``. ``step`` calls it once (twice with ``"kls"``) and returns the loss of
@@ -309,6 +313,7 @@ class DLRT(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         integrator: str = "kls",
         basis_state: str = "project",
+        basis_interval: int = 1,
     ) -> None:
         if not lr > 0.0:
             raise ValueError(f"Invalid learning rate: {lr}")
@@ -324,6 +329,8 @@ class DLRT(torch.optim.Optimizer):
             raise ValueError(f"Invalid integrator: {integrator!r}; allowed: {INTEGRATORS}")
         if basis_state not in BASIS_STATES:
             raise ValueError(f"Invalid basis_state: {basis_state!r}; allowed: {BASIS_STATES}")
+        if not (isinstance(basis_interval, int) and basis_interval >= 1):
+            raise ValueError(f"Invalid basis_interval: {basis_interval!r}; allowed: an integer >= 1")
         self.layers = list(layers)
         if not self.layers:
             raise ValueError("DLRT got an empty list of layers")
@@ -331,7 +338,8 @@ class DLRT(torch.optim.Optimizer):
         super().__init__([{"params": [layer.U, layer.S, layer.V]} for layer in self.layers], defaults)
         self.integrator = integrator
         self.basis_state = basis_state
-        self._steps = 0
+        self.basis_interval = basis_interval
+        self._steps = 0  # saved in state_dict: which steps update the bases depends on it
         # Averages a list of tensors over processes, in place; set by lowrank.distributed.World.prepare.
         self.gradient_average: Callable[[list[Tensor]], None] | None = None
         for layer in self.layers:
@@ -343,19 +351,36 @@ class DLRT(torch.optim.Optimizer):
         for layer in self.layers:
             layer.sink.clear()
 
-    def _evaluate(self, closure: Callable[[], Tensor]) -> Tensor:
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "dlrt_steps": self._steps}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        self._steps = state_dict.pop("dlrt_steps", 0)
+        super().load_state_dict(state_dict)
+
+    def _evaluate(self, closure: Callable[[], Tensor], basis_step: bool = True) -> Tensor:
         for layer in self.layers:
             layer.sink.clear()
-        with torch.enable_grad():
-            # Detached, so the graph (which records the factors' shapes) is freed before ranks change.
-            return closure().detach()
+            layer.sink.active = basis_step  # an S-step on fixed bases reads S.grad only
+        try:
+            with torch.enable_grad():
+                # Detached, so the graph (which records the factors' shapes) is freed before ranks change.
+                return closure().detach()
+        finally:
+            for layer in self.layers:
+                layer.sink.active = True
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
         if closure is None and self.integrator == "kls":
             raise ValueError("DLRT(integrator='kls') needs a closure: its S-step runs a second forward/backward")
-        loss = self._evaluate(closure) if closure is not None else None
+        basis_step = self._steps % self.basis_interval == 0
+        loss = self._evaluate(closure, basis_step) if closure is not None else None
         self._steps += 1
+        if not basis_step:
+            self._fixed_basis_step()
+            return loss
         pairs = list(zip(self.layers, self.param_groups))
         # K- and L-steps; the update directions of all layers are computed together (_directions).
         gradients = []
@@ -371,13 +396,7 @@ class DLRT(torch.optim.Optimizer):
         bases = [self._basis_update(layer, group, directions[2 * i], directions[2 * i + 1])
                  for i, (layer, group) in enumerate(pairs)]
         if self.integrator == "kls":  # a pass for S.grad only: G V and G^T U are not needed
-            for layer in self.layers:
-                layer.sink.active = False
-            try:
-                self._evaluate(closure)
-            finally:
-                for layer in self.layers:
-                    layer.sink.active = True
+            self._evaluate(closure, basis_step=False)
         gradients = []
         for (layer, group), basis in zip(pairs, bases):
             if self.integrator == "kls":
@@ -396,6 +415,19 @@ class DLRT(torch.optim.Optimizer):
         for (layer, group), basis, direction in zip(pairs, bases, self._directions(gradients)):
             self._coefficient_update(layer, group, direction, basis)
         return loss
+
+    def _fixed_basis_step(self) -> None:
+        """``S <- S - h D_S`` for every layer, from ``S.grad = U^T G V`` (plus ``lambda S``), bases and rank fixed."""
+        gradients = []
+        for layer, group in zip(self.layers, self.param_groups):
+            if layer.S.grad is None:
+                raise RuntimeError(f"no gradient for {layer}: call backward() (or pass a closure) before step()")
+            s_grad = layer.S.grad
+            if group["weight_decay"]:
+                s_grad = s_grad + group["weight_decay"] * layer.S.data
+            gradients.append((layer.S, s_grad, group))
+        for (s, _, group), direction in zip(gradients, self._directions(gradients)):
+            s.data.add_(direction, alpha=-group["lr"])
 
     def _directions(self, items: list[tuple[Tensor, Tensor, dict[str, Any]]]) -> list[Tensor]:
         """The update directions of ``(param, grad, group)`` items under their groups' methods.

@@ -425,3 +425,46 @@ def test_under_adam_a_small_start_grows_to_the_rank_of_its_target_and_a_kaiming_
             assert losses[-1] < 0.01 * losses[0]
     assert ranks["small"] == 8
     assert ranks["kaiming"] < 2
+
+
+def test_between_basis_updates_the_step_is_a_gradient_step_on_s_with_the_bases_fixed():
+    x, y = least_squares()
+    layer = make_layer(rank=3, tau=0.05)
+    opt = DLRT([layer], lr=0.05, basis_interval=3)
+    opt.step(mse_closure(layer, opt, x, y))  # step 1: a full step (augment, S-step, truncate)
+    u, s, v = (t.detach().clone() for t in (layer.U, layer.S, layer.V))
+    probe = make_layer(rank=layer.rank, tau=0.05)
+    probe.set_factors(u, s.clone().requires_grad_(), v)
+    F.mse_loss(probe(x), y).backward()
+    opt.step(mse_closure(layer, opt, x, y))  # step 2: S-step on the fixed bases
+    assert torch.equal(layer.U, u) and torch.equal(layer.V, v)
+    torch.testing.assert_close(layer.S.data, s - 0.05 * probe.S.grad)
+    opt.step(mse_closure(layer, opt, x, y))  # step 3: S-step again
+    assert torch.equal(layer.U, u)
+    opt.step(mse_closure(layer, opt, x, y))  # step 4 = 1 + 3: the bases change
+    assert not (layer.U.shape == u.shape and torch.equal(layer.U, u))
+
+
+@pytest.mark.parametrize("method, lr", [("sgd", 0.5), ("adam", 0.05)])
+def test_a_run_with_basis_interval_descends_and_resumes_from_its_state_dict(method, lr):
+    x, y = least_squares(rank_of_target=4)
+    layer = make_layer(rank=6, tau=0.05)
+    opt = DLRT([layer], lr=lr, method=method, basis_interval=4)
+    losses = [opt.step(mse_closure(layer, opt, x, y)).item() for _ in range(5)]
+    saved_layer, saved_opt = deepcopy(layer.state_dict()), deepcopy(opt.state_dict())
+    for _ in range(6):
+        losses.append(opt.step(mse_closure(layer, opt, x, y)).item())
+    resumed = make_layer(rank=6, tau=0.05, seed=1)
+    resumed.load_state_dict(saved_layer)
+    resumed_opt = DLRT([resumed], lr=lr, method=method, basis_interval=4)
+    resumed_opt.load_state_dict(saved_opt)
+    for _ in range(6):
+        resumed_opt.step(mse_closure(resumed, resumed_opt, x, y))
+    assert losses[-1] < 0.6 * losses[0]
+    torch.testing.assert_close(effective_weight(resumed), effective_weight(layer), rtol=0, atol=0)
+
+
+def test_basis_interval_must_be_a_positive_integer():
+    for bad in (0, 2.5):
+        with pytest.raises(ValueError, match="basis_interval"):
+            DLRT([make_layer()], basis_interval=bad)

@@ -63,7 +63,6 @@ def test_glued_values_print_as_the_book_shows_them():
 
 def test_glue_results_gives_each_models_numbers_and_its_hidden_layers_ranks(monkeypatch):
     import myst_nb
-    import pandas as pd
 
     from lowrank.training import TrainingResult
 
