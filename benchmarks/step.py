@@ -9,6 +9,8 @@ Usage (from the repository root)::
 Networks: ``784-w-w-10`` MLPs with ReLU; the two hidden layers are of the variant's type and the output
 layer is :class:`~lowrank.layers.Dense` (as in the report's configs). Variants:
 
+``torch-dense``                 the reference: ``torch.nn.Sequential`` of ``torch.nn.Linear`` layers and ReLU, trained
+                                by a plain ``torch.optim.Adam``; every ratio is to this model.
 ``dense``                       Dense hidden layers.
 ``vanilla``                     :class:`~lowrank.layers.LowRank` hidden layers (``U S V^T``, rank ``r``).
 ``dlrt-fixed/<integrator>``     :class:`~lowrank.layers.DynamicalLowRank` with ``adaptive=False``.
@@ -17,6 +19,8 @@ layer is :class:`~lowrank.layers.Dense` (as in the report's configs). Variants:
                                 coefficients and truncates by SVD, but the truncation always returns rank ``r``,
                                 so the timed work does not drift with the rank (random data would make the rank
                                 of a ``tau`` criterion meaningless).
+``dlrt-adaptive/<integrator>/every-<k>``  the same with ``basis_interval = k``: a full step every ``k``-th step and
+                                S-steps on the fixed bases in between (:class:`~lowrank.optim.DLRT`).
 
 Every model gets its optimisers from :func:`lowrank.optim.build_optimizer`, as in training: ``torch.optim.Adam``
 (learning rate ``1e-3``) for the ordinary parameters (all of them for dense and vanilla; the biases and the
@@ -32,8 +36,12 @@ Protocol, for each group of ``(threads, batch, width)``: ``torch.set_num_threads
 group is built (dense once, then the five low-rank variants for each rank); ``--warmup`` rounds, then
 ``--reps`` timed rounds in which every model takes one step, the order rotated by one model every round
 (interleaved: ABC, BCA, CAB, ...), so that slow phases of a shared machine hit every model alike. Reported:
-the median step time (and the 25th/75th percentiles), and every figure as a ratio to the dense model of
-the same group, measured in the same rounds.
+the median step time (and the 25th/75th percentiles), and every figure as a ratio to the ``torch-dense`` model
+of the same group, measured in the same rounds.
+
+- ``flop_limit``: FLOPs of one forward and backward pass of the model (no optimiser step) over those of
+  ``torch-dense``: the step-time ratio a variant would reach if its update cost nothing and its products ran
+  at dense's throughput.
 
 - ``epoch_s``: an estimate, ``50,000 / batch`` steps of the median step time (MNIST's training split); data
   loading and evaluation are not included.
@@ -45,10 +53,13 @@ the same group, measured in the same rounds.
   products, two FLOPs per multiply-add), plus estimates for the factorisations it does not count: reduced QR of an
   ``m x n`` matrix ``4 m n^2 - 4 n^3 / 3`` (Householder ``geqrf`` + ``orgqr``) and SVD of an ``n x n`` matrix
   ``21 n^3`` (Golub & Van Loan, all factors). Element-wise work is not counted.
-- ``params``: :func:`lowrank.metrics.parameter_count` (trainable scalars at the current ranks).
+- ``params``: the model's parameters (scalars, at the current ranks).
+
+- ``top operations``: for each group, one step of the rank-adaptive single-pass variant of every rank profiled
+  by ``torch.profiler``; the operators with the largest share of its self CPU time.
 
 Results go to ``<out>/step.csv`` and ``<out>/step.md`` (default ``benchmarks/results/``, ignored by git); the
-markdown table is also printed, followed by the issue-6 targets that the run covers.
+markdown table is also printed, followed by the targets that the run covers and the top operations.
 """
 
 from __future__ import annotations
@@ -58,6 +69,7 @@ import csv
 import datetime
 import math
 import platform
+import re
 import statistics
 import sys
 import time
@@ -74,35 +86,52 @@ from torch.utils.flop_counter import flop_registry, shape_wrapper
 
 from lowrank.config import Settings
 from lowrank.layers import Dense, DynamicalLowRank, LowRank
-from lowrank.metrics import parameter_count
 from lowrank.network import NeuralNetwork
 from lowrank.optim import build_optimizer
 
 TRAIN_SAMPLES = 50_000
 IN_FEATURES, CLASSES = 784, 10
 LEARNING_RATE = 1e-3
+REFERENCE = "torch-dense"
 VARIANTS = (
+    REFERENCE,
     "dense",
     "vanilla",
     "dlrt-fixed/kls",
     "dlrt-fixed/single-pass",
     "dlrt-adaptive/kls",
     "dlrt-adaptive/single-pass",
+    "dlrt-adaptive/single-pass/every-10",
 )
-DEFAULT = dict(widths=[512, 2048], ranks=[20, 50], batch=[232], threads=[1])
+PROFILED = "dlrt-adaptive/single-pass"
+TOP_OPERATIONS = 6
+DEFAULT = dict(widths=[512, 2048], ranks=[20, 50, 100], batch=[232], threads=[1])
 FULL = dict(widths=[500, 512, 1024, 2048], ranks=[10, 20, 50, 100], batch=[232, 256], threads=[1, 2])
-# Issue 6: (width, rank, variants, largest step time as a fraction of dense), batch 232, one thread.
+# Issue 13: (width, rank, variants, largest step time as a fraction of torch-dense), batch 232, one thread.
 TARGETS = (
-    (512, 20, ("dlrt-adaptive/kls", "dlrt-adaptive/single-pass"), 0.7),
-    (512, 20, ("vanilla",), 0.35),
-    (2048, 50, ("dlrt-adaptive/kls", "dlrt-adaptive/single-pass"), 0.25),
+    (512, 20, ("dlrt-adaptive/single-pass",), 0.25),
+    (2048, 50, ("dlrt-adaptive/single-pass",), 0.15),
+    (512, 100, ("dlrt-adaptive/single-pass",), 1.5),
 )
+
+
+VARIANT_PATTERN = re.compile(r"torch-dense|dense|vanilla|dlrt-fixed/(kls|single-pass)|"
+                             r"dlrt-adaptive/(kls|single-pass)(/every-[1-9][0-9]*)?")
+
+
+def basis_interval(variant: str) -> int:
+    """``k`` of a ``.../every-<k>`` variant, else 1."""
+    last = variant.rsplit("/", 1)[-1]
+    return int(last.removeprefix("every-")) if last.startswith("every-") else 1
 
 
 def build_model(variant: str, width: int, rank: int) -> nn.Module:
     """The ``784-width-width-10`` network of ``variant`` (module docstring), seeded for reproducibility."""
     torch.manual_seed(0)
     dims = [(IN_FEATURES, width), (width, width)]
+    if variant == REFERENCE:
+        return nn.Sequential(nn.Linear(IN_FEATURES, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
+                             nn.Linear(width, CLASSES))
     if variant == "dense":
         hidden = [Dense(n_in, n_out) for n_in, n_out in dims]
     elif variant == "vanilla":
@@ -120,8 +149,13 @@ def build_optimizer_for(variant: str, model: nn.Module):
     """The optimisers the training code builds (:func:`lowrank.optim.build_optimizer`): ``torch.optim.Adam``
     for every ordinary parameter (all of dense and vanilla, the biases and output layer of DLRT networks)
     and DLRT with Adam updates for the dynamical layers."""
+    if variant == REFERENCE:
+        return torch.optim.Adam(model.parameters(), lr=LEARNING_RATE)
     integrator = variant.split("/")[1] if variant.startswith("dlrt") else "kls"
-    return build_optimizer(model, Settings(learning_rate=LEARNING_RATE, optimizer="adam", integrator=integrator))
+    optimizers = build_optimizer(model, Settings(learning_rate=LEARNING_RATE, optimizer="adam", integrator=integrator))
+    if optimizers.dlrt is not None:
+        optimizers.dlrt.basis_interval = basis_interval(variant)
+    return optimizers
 
 
 @dataclass
@@ -133,6 +167,7 @@ class Case:
     rank: int | None
     model: nn.Module
     step: Callable[[], Tensor]
+    pass_: Callable[[], Tensor]
     optimizer: object
     seconds: list[float] = field(default_factory=list)
 
@@ -147,7 +182,7 @@ def make_case(variant: str, width: int, rank: int | None, x: Tensor, y: Tensor) 
         loss.backward()
         return loss
 
-    return Case(variant, width, rank, model, lambda: optimizer.step(closure), optimizer)
+    return Case(variant, width, rank, model, lambda: optimizer.step(closure), closure, optimizer)
 
 
 def time_interleaved(cases: list[Case], warmup: int, reps: int) -> None:
@@ -246,6 +281,24 @@ def step_flops(case: Case) -> int:
     return counter.total
 
 
+def pass_flops(case: Case) -> int:
+    """FLOPs of one forward and backward pass, without the optimiser step (the ``flop_limit`` numerator)."""
+    with FlopCounter() as counter:
+        case.pass_()
+    return counter.total
+
+
+def top_operations(case: Case, count: int = TOP_OPERATIONS) -> list[tuple[str, float, int]]:
+    """``(operator, share of the step's self CPU time, calls)`` of the ``count`` largest in one profiled step."""
+    case.step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        case.step()
+    averages = [a for a in prof.key_averages() if a.self_cpu_time_total > 0]
+    total = sum(a.self_cpu_time_total for a in averages)
+    ranked = sorted(averages, key=lambda a: a.self_cpu_time_total, reverse=True)[:count]
+    return [(a.key, a.self_cpu_time_total / total, a.count) for a in ranked]
+
+
 def run_group(threads: int, batch: int, width: int, ranks: list[int], variants: list[str], warmup: int, reps: int,
               measure: bool) -> list[dict]:
     """Time, and optionally profile, every model of one ``(threads, batch, width)`` group; one row per model."""
@@ -253,8 +306,9 @@ def run_group(threads: int, batch: int, width: int, ranks: list[int], variants: 
     generator = torch.Generator().manual_seed(0)
     x = torch.rand(batch, IN_FEATURES, generator=generator)
     y = torch.randint(0, CLASSES, (batch,), generator=generator)
-    cases = [make_case("dense", width, None, x, y)]
-    cases += [make_case(v, width, r, x, y) for r in ranks if r <= width for v in variants if v != "dense"]
+    cases = [make_case(v, width, None, x, y) for v in (REFERENCE, "dense") if v == REFERENCE or v in variants]
+    cases += [make_case(v, width, r, x, y) for r in ranks if r <= width for v in variants
+              if v not in (REFERENCE, "dense")]
     time_interleaved(cases, warmup, reps)
     rows = []
     for case in cases:
@@ -264,28 +318,32 @@ def run_group(threads: int, batch: int, width: int, ranks: list[int], variants: 
             step_ms=1e3 * statistics.median(seconds),
             step_p25_ms=1e3 * seconds[len(seconds) // 4], step_p75_ms=1e3 * seconds[(3 * len(seconds)) // 4],
             epoch_s=TRAIN_SAMPLES / batch * statistics.median(seconds),
-            params=parameter_count(case.model),
-            hidden_ranks=" ".join(str(r) for r in case.model.ranks()[:-1]),
+            params=sum(p.numel() for p in case.model.parameters()),
+            hidden_ranks=" ".join(str(r) for r in case.model.ranks()[:-1]) if hasattr(case.model, "ranks") else "",
+            pass_gflop=pass_flops(case) / 1e9,
         )
         if measure:
             row["peak_mb"] = (live_bytes(case) + step_peak_bytes(case)) / 2**20
             row["gflop"] = step_flops(case) / 1e9
+        if case.variant == PROFILED:
+            row["top_operations"] = top_operations(case)
         rows.append(row)
-    dense = rows[0]
+    reference = rows[0]
     for row in rows:
-        for key, ratio in (("step_ms", "step_x"), ("peak_mb", "peak_x"), ("gflop", "gflop_x"), ("params", "params_x")):
+        for key, ratio in (("step_ms", "step_x"), ("peak_mb", "peak_x"), ("gflop", "gflop_x"), ("params", "params_x"),
+                           ("pass_gflop", "flop_limit")):
             if key in row:
-                row[ratio] = row[key] / dense[key]
+                row[ratio] = row[key] / reference[key]
     return rows
 
 
 COLUMNS = ["threads", "batch", "width", "rank", "variant", "step_ms", "step_p25_ms", "step_p75_ms", "step_x",
-           "epoch_s", "peak_mb", "peak_x", "gflop", "gflop_x", "params", "params_x", "hidden_ranks"]
+           "flop_limit", "epoch_s", "peak_mb", "peak_x", "gflop", "gflop_x", "params", "params_x", "hidden_ranks"]
 TABLE = [("width", "width", "{}"), ("rank", "rank", "{}"), ("batch", "batch", "{}"), ("threads", "threads", "{}"),
-         ("variant", "variant", "{}"), ("step ms", "step_ms", "{:.2f}"), ("x dense", "step_x", "{:.3f}"),
-         ("epoch s", "epoch_s", "{:.2f}"), ("peak MB", "peak_mb", "{:.1f}"), ("x dense", "peak_x", "{:.2f}"),
-         ("GFLOP/step", "gflop", "{:.3f}"), ("x dense", "gflop_x", "{:.3f}"), ("params", "params", "{:,}"),
-         ("x dense", "params_x", "{:.3f}")]
+         ("variant", "variant", "{}"), ("step ms", "step_ms", "{:.2f}"), ("x torch dense", "step_x", "{:.3f}"),
+         ("FLOP limit", "flop_limit", "{:.3f}"), ("epoch s", "epoch_s", "{:.2f}"), ("peak MB", "peak_mb", "{:.1f}"),
+         ("x torch dense", "peak_x", "{:.2f}"), ("GFLOP/step", "gflop", "{:.3f}"), ("x torch dense", "gflop_x", "{:.3f}"),
+         ("params", "params", "{:,}"), ("x torch dense", "params_x", "{:.3f}")]
 
 
 def markdown(rows: list[dict]) -> str:
@@ -297,8 +355,15 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def operation_lines(rows: list[dict]) -> list[str]:
+    """The top operations of every profiled step, one line per model."""
+    return [f"- {row['width']} / {row['rank']}, {row['variant']}: "
+            + ", ".join(f"{name} {100 * share:.0f} % ({calls} calls)" for name, share, calls in row["top_operations"])
+            for row in rows if "top_operations" in row]
+
+
 def target_lines(rows: list[dict]) -> list[str]:
-    """The issue-6 targets that this run measured: ``met``/``missed`` with the measured ratio."""
+    """The issue-13 targets that this run measured: ``met``/``MISSED`` with the measured ratio."""
     lines = []
     for width, rank, variants, limit in TARGETS:
         for row in rows:
@@ -306,7 +371,7 @@ def target_lines(rows: list[dict]) -> list[str]:
                     and row["variant"] in variants:
                 verdict = "met" if row["step_x"] <= limit else "MISSED"
                 lines.append(f"- 784-{width}-{width}-10, rank {rank}, batch 232, 1 thread, {row['variant']}: "
-                             f"{row['step_x']:.3f} x dense (target <= {limit}): {verdict}")
+                             f"{row['step_x']:.3f} x torch dense (target <= {limit}): {verdict}")
     return lines
 
 
@@ -331,8 +396,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"ranks of the low-rank models (default {DEFAULT['ranks']})")
     parser.add_argument("--batch", type=int, nargs="+", help=f"batch sizes (default {DEFAULT['batch']})")
     parser.add_argument("--threads", type=int, nargs="+", help=f"torch threads (default {DEFAULT['threads']})")
-    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
-                        help="models to time besides dense (dense always runs: it is the reference)")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS[1:]),
+                        help=f"models to time besides {REFERENCE} (always run: it is the reference); any of "
+                             f"{', '.join(VARIANTS[1:])}, or dlrt-adaptive/<integrator>/every-<k> for another k")
     parser.add_argument("--reps", type=int, default=25, help="timed rounds (default 25)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed rounds first (default 5)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory and FLOP measurements")
@@ -345,6 +411,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             setattr(args, key, grid[key])
     if args.reps < 1 or args.warmup < 0:
         parser.error("--reps must be >= 1 and --warmup >= 0")
+    unknown = [variant for variant in args.variants if not VARIANT_PATTERN.fullmatch(variant)]
+    if unknown:
+        parser.error(f"unknown variants {unknown}; allowed: {', '.join(VARIANTS)} "
+                     f"or dlrt-adaptive/<kls|single-pass>/every-<k>")
     return args
 
 
@@ -366,11 +436,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
         writer.writeheader()
         writer.writerows(rows)
     command = "python -m benchmarks.step " + " ".join(sys.argv[1:] if argv is None else argv)
-    targets = target_lines(rows)
+    targets, operations = target_lines(rows), operation_lines(rows)
     text = "\n\n".join(
         [f"# Step benchmark\n\n`{command.strip()}` ({header}; median of {args.reps} interleaved steps after "
-         f"{args.warmup} warm-up rounds; ratios to the dense model of the same run)", markdown(rows)]
-        + (["Issue-6 targets:\n\n" + "\n".join(targets)] if targets else [])
+         f"{args.warmup} warm-up rounds; ratios to the torch dense model of the same run)", markdown(rows)]
+        + (["Targets:\n\n" + "\n".join(targets)] if targets else [])
+        + (["Top operations of one profiled step (share of its self CPU time):\n\n" + "\n".join(operations)]
+           if operations else [])
     )
     (args.out / "step.md").write_text(text + "\n")
     print(text)
