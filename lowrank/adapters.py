@@ -487,7 +487,7 @@ def _table_values(data: dict, name: str, file: str) -> dict:
 
 def parse_experiment(data: dict, path: str | Path | None = None, quick: bool = False) -> Experiment:
     """Validate a dict shaped like the TOML file; ``quick`` applies ``[quick]`` and the report's quick
-    pretraining (:func:`lowrank.report.quick_settings`: 1,000 images, at most 2 epochs)."""
+    pretraining (:func:`lowrank.report.quick_settings`: 1,000 images, at most 1 epoch)."""
     file = "<config>" if path is None else str(path)
     unknown = sorted(set(data) - {"figure", "pretrain", "adaptation", "bilevel", "quick"})
     if unknown:

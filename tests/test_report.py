@@ -40,6 +40,14 @@ def test_quick_settings_shrink_training_but_keep_the_models():
         assert small.cache_key() != big.cache_key()
 
 
+def test_a_quick_warm_start_keeps_its_dense_epochs_and_trains_quick_epochs_after_them():
+    warm = next(m for m in config.load(CONFIGS / "fig_h.toml").models if m.settings.warm_start_epochs)
+    quick = report.quick_settings(warm)
+    assert quick.settings.warm_start_epochs == warm.settings.warm_start_epochs
+    assert quick.settings.num_epochs == min(warm.settings.num_epochs,
+                                            warm.settings.warm_start_epochs + report.QUICK["num_epochs"])
+
+
 def test_a_figure_that_uses_others_gets_each_model_once():
     models = report.figure_models(CONFIGS / "fig_d.toml")
     keys = [m.cache_key() for m in models]
@@ -53,6 +61,13 @@ def test_figures_run_after_the_figures_they_use():
     position = {figure.name: i for i, wave in enumerate(waves) for figure in wave}
     assert position["fig_d"] > max(position["fig_a"], position["fig_b"], position["fig_c"])
     assert position["fig_a"] == 0
+
+
+def test_within_a_wave_the_figures_with_the_most_training_start_first():
+    first = report.schedule(report.discover(ROOT))[0]
+    work = [report.estimated_work(figure) for figure in first]
+    assert work == sorted(work, reverse=True) and first[0].name == "fig_f"  # 12 deep models, the longest
+    assert report.estimated_work(next(f for f in first if f.name == "fig_j")) == 0.0  # a matrix ODE, no network
 
 
 def test_glued_values_print_as_the_book_shows_them():
