@@ -32,15 +32,15 @@ Initialisations (``init=``):
 
 Every layer also takes ``init_scale`` (``c > 0``), which multiplies the initial ``W`` (``S``, or ``U`` and
 ``V`` by ``sqrt(c)`` each without ``S``; a dense layer's ``W``). With its default ``"kaiming"`` init,
-:class:`DynamicalLowRank` defaults to ``c =`` :data:`DYNAMICAL_INIT_SCALE` = 0.2; every other layer and
-init to 1 (``"normal"`` stays the seed study's ``N(0, 1)``, ``"spectral"`` the dense scale). A rank-adaptive layer truncates at
-``tau ||S||_F``. Started at the Kaiming scale, ``||W||_F`` stays near its initial ``sqrt(2 n_out)`` for many
-epochs of Adam at ``h = 1e-3`` (each step moves each factor entry by about ``h``), so the truncations keep
-cutting the initial random spectrum and the rank is set by ``tau`` and the draw; and a new direction, which
-enters ``S_hat`` with a singular value of order ``h r``, never survives ``tau ||S||_F``, so ranks can only
-fall. Started small, ``W`` is built by the training steps within the first few hundred of them, the ranks
-can grow while ``||S||_F`` is small, and the truncation ranks the directions the gradients built (the book,
-section "Initialisation and rank").
+:class:`DynamicalLowRank` defaults to ``c =`` :data:`DYNAMICAL_INIT_SCALE` = 0.2; every other layer and init
+to 1 (``"normal"`` stays the seed study's ``N(0, 1)``, ``"spectral"`` the dense scale). Why: under Adam a new
+direction enters the augmented ``S_hat`` with singular values of order ``h r`` (each coefficient moves by about
+``h`` per step), and the truncation keeps it only if that exceeds ``tau ||W||_F``. At the Kaiming scale
+(``||W_0||_F = sqrt(2 n_out)``, which steps of ``h = 1e-3`` change slowly) nothing new survives: the ranks only
+fall, and what they cut is the random draw. Far below it every direction survives, Adam's normalised noise
+included, and the ranks run to ``r_max``. At ``c = 0.2`` the first steps can add directions, and the spectrum
+that the truncation ranks is built by the gradients as much as by the draw (the book, section "The initial
+scale decides whether ranks can grow").
 
 Biases start at zero, except with ``init="normal"`` where they are ``N(0, 1)`` like the weights.
 """
@@ -79,7 +79,7 @@ def random_orthonormal(rows: int, cols: int, **factory: object) -> Tensor:
 def initial_factors(
     in_features: int, out_features: int, rank: int, init: str, init_scale: float = 1.0, **factory: object
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Factors ``(U, S, V)`` of shapes ``(n_in, r), (r, r), (n_out, r)`` for the given ``init``, ``S`` times ``init_scale``.
+    """Factors ``(U, S, V)`` of shapes ``(n_in, r), (r, r), (n_out, r)`` for ``init``, with ``S`` times ``init_scale``.
 
     For every init except ``"normal"``, ``U`` and ``V`` have orthonormal columns.
     """
