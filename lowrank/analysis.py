@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from lowrank import metrics
 from lowrank.layers import Dense, DynamicalLowRank, LowRank
+from lowrank.linalg import truncated_svd
 from lowrank.network import NeuralNetwork, effective_weight
 
 if TYPE_CHECKING:
@@ -75,19 +76,6 @@ def nc1(features: Tensor, labels: Tensor) -> float:
     pinv = torch.linalg.pinv(centred_means.T, rtol=PINV_RTOL)  # M^+, (C, d)
     projected = pinv @ h.T - (pinv @ means.T)[:, y]  # M^+ (h_i - mu_{y_i}) for every i, (C, N)
     return float(projected.square().sum() / len(y))
-
-
-def truncated_svd(weight: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
-    """``(P_k, sigma_k, Q_k)`` of ``W = P diag(sigma) Q^T``, keeping the ``k = rank`` largest singular values.
-
-    Shapes ``(n_in, k)``, ``(k,)``, ``(n_out, k)``; ``P_k diag(sigma_k) Q_k^T`` is the best rank-``k``
-    approximation of ``W`` (Eckart-Young). Computed in float64, returned in ``weight``'s dtype.
-    """
-    if not 0 <= rank <= min(weight.shape):
-        raise ValueError(f"rank = {rank} must be in 0..min{tuple(weight.shape)} = {min(weight.shape)}")
-    p, sigma, qt = torch.linalg.svd(weight.detach().to(torch.float64), full_matrices=False)
-    dtype = weight.dtype
-    return p[:, :rank].to(dtype), sigma[:rank].to(dtype), qt[:rank].T.to(dtype)
 
 
 @torch.no_grad()

@@ -53,6 +53,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from lowrank.linalg import truncated_svd
+
 INITS = ("kaiming", "kaiming-flat", "normal", "spectral", "spectral-ones")
 # The default init_scale of DynamicalLowRank: W starts at 20 % of the Kaiming scale (module docstring).
 DYNAMICAL_INIT_SCALE = 0.2
@@ -341,11 +343,73 @@ class Dense(_Affine):
     def forward(self, x: Tensor) -> Tensor:
         return dense_product(x, self.weight, self.bias)
 
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "Dense":
+        """The map of ``linear`` as a :class:`Dense`: ``weight = linear.weight^T`` (``(n_in, n_out)``), the same bias,
+        dtype and device. The caller's random state is left as it was."""
+        with torch.random.fork_rng(devices=[]):
+            layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None)
+        layer = layer.to(dtype=linear.weight.dtype, device=linear.weight.device)
+        with torch.no_grad():
+            layer.weight.copy_(linear.weight.T)
+            if linear.bias is not None:
+                layer.bias.copy_(linear.bias)
+        return layer
+
+    def to_linear(self) -> nn.Linear:
+        """The same map as a ``torch.nn.Linear`` (``linear.weight = weight^T``, ``(n_out, n_in)``)."""
+        with torch.random.fork_rng(devices=[]):
+            linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                               dtype=self.weight.dtype, device=self.weight.device)
+        with torch.no_grad():
+            linear.weight.copy_(self.weight.T)
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-class LowRank(_Affine):
+class _Factorised(_Affine):
+    """What the two factorised layers share: ``W = U S V^T`` (``U V^T`` without ``S``) and the conversions.
+
+    Each subclass defines ``approximate_(weight)``: set its factors, in place, to the best rank-``r``
+    approximation ``P_r Sigma_r Q_r^T`` of a dense ``weight``."""
+
+    def weight_matrix(self) -> Tensor:
+        """``W = U S V^T`` (or ``U V^T``), shape ``(n_in, n_out)``, detached."""
+        s = self.S if self.S is not None else torch.eye(self.rank, dtype=self.U.dtype, device=self.U.device)
+        return (self.U @ s @ self.V.T).detach()
+
+    def to_dense(self) -> Dense:
+        """A :class:`Dense` layer with ``W = U S V^T`` and the same bias (the caller's random state is kept)."""
+        with torch.random.fork_rng(devices=[]):
+            dense = Dense(self.in_features, self.out_features, bias=self.bias is not None)
+        dense = dense.to(dtype=self.U.dtype, device=self.U.device)
+        with torch.no_grad():
+            dense.weight.copy_(self.weight_matrix())
+            if self.bias is not None:
+                dense.bias.copy_(self.bias)
+        return dense
+
+    @classmethod
+    def from_dense(cls, dense: Dense, rank: int, **kwargs):
+        """The best rank-``rank`` approximation of ``dense`` (truncated SVD, :meth:`approximate_`), with its bias.
+
+        ``kwargs`` are the layer's other constructor arguments (``factorization``, ``tau``, ``r_max``, ...); the
+        caller's random state is left as it was."""
+        with torch.random.fork_rng(devices=[]):
+            layer = cls(dense.in_features, dense.out_features, rank, bias=dense.bias is not None, **kwargs)
+        layer = layer.to(dtype=dense.weight.dtype, device=dense.weight.device)
+        layer.approximate_(dense.weight)
+        if dense.bias is not None:
+            with torch.no_grad():
+                layer.bias.copy_(dense.bias)
+        return layer
+
+
+class LowRank(_Factorised):
     """Vanilla low-rank layer of fixed rank: ``z = x U S V^T + b`` (or ``x U V^T + b``).
 
     All factors are ordinary parameters trained by any ``torch.optim`` optimiser.
@@ -403,6 +467,20 @@ class LowRank(_Affine):
         s = self.S if self.S is not None else torch.eye(self.rank, dtype=x.dtype, device=x.device)
         return low_rank_product(x, self.U, s, self.V, bias=self.bias)
 
+    @torch.no_grad()
+    def approximate_(self, weight: Tensor) -> None:
+        """``U = P_r, S = Sigma_r, V = Q_r``, or the balanced ``U = P_r Sigma_r^{1/2}, V = Q_r Sigma_r^{1/2}``
+        without ``S``: either way ``U S V^T`` is the best rank-``r`` approximation of ``weight``."""
+        p, sigma, q = truncated_svd(weight, self.rank)
+        if self.S is None:
+            root = sigma.sqrt()
+            self.U.copy_(p * root)
+            self.V.copy_(q * root)
+        else:
+            self.U.copy_(p)
+            self.S.copy_(torch.diag(sigma))
+            self.V.copy_(q)
+
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
@@ -410,7 +488,7 @@ class LowRank(_Affine):
         )
 
 
-class DynamicalLowRank(_Affine):
+class DynamicalLowRank(_Factorised):
     """Dynamical low-rank layer ``z = x U S V^T + b``, trained by :class:`lowrank.optim.DLRT`.
 
     ``U`` and ``V`` keep orthonormal columns; the DLRT optimiser updates them by the K- and L-steps
@@ -497,6 +575,11 @@ class DynamicalLowRank(_Affine):
     def forward(self, x: Tensor) -> Tensor:
         sink = self.sink if torch.is_grad_enabled() else None
         return low_rank_product(x, self.U, self.S, self.V, sink, self.bias)
+
+    def approximate_(self, weight: Tensor) -> None:
+        """``U = P_r, S = Sigma_r, V = Q_r`` at the current rank ``r``: orthonormal bases, as DLRT needs."""
+        p, sigma, q = truncated_svd(weight, self.rank)
+        self.set_factors(p, torch.diag(sigma), q)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         shapes = [state_dict.get(prefix + name) for name in ("U", "S", "V")]

@@ -80,7 +80,4 @@ class NeuralNetwork(nn.Module):
 
 def effective_weight(layer: nn.Module) -> Tensor:
     """``W`` of a layer: ``weight`` for :class:`Dense`, ``U S V^T`` (or ``U V^T``) for low-rank layers."""
-    if isinstance(layer, Dense):
-        return layer.weight.detach()
-    s = layer.S if layer.S is not None else torch.eye(layer.rank, dtype=layer.U.dtype, device=layer.U.device)
-    return (layer.U @ s @ layer.V.T).detach()
+    return layer.weight.detach() if isinstance(layer, Dense) else layer.weight_matrix()

@@ -393,8 +393,6 @@ def warm_start(config: ModelConfig, dense: NeuralNetwork) -> NeuralNetwork:
     (``W = U V^T``); either way ``U S V^T`` is the best rank-``r`` approximation of ``W``. Dense layers and
     all biases are copied. Returned on the CPU, in training mode; ``dense`` and the caller's RNG are unchanged.
     """
-    from lowrank.analysis import truncated_svd
-
     with torch.random.fork_rng(devices=[]):  # building the network draws an initialisation, overwritten below
         model = _built(config, torch.device("cpu"))
     for source, layer in zip(dense.layers, model.layers):
@@ -402,15 +400,7 @@ def warm_start(config: ModelConfig, dense: NeuralNetwork) -> NeuralNetwork:
         if isinstance(layer, Dense):
             layer.weight.copy_(weight)
         else:
-            p, sigma, q = truncated_svd(weight, layer.rank)
-            if layer.S is None:
-                root = sigma.sqrt()
-                layer.U.copy_(p * root)
-                layer.V.copy_(q * root)
-            else:
-                layer.U.copy_(p)
-                layer.S.copy_(torch.diag(sigma))
-                layer.V.copy_(q)
+            layer.approximate_(weight)
         if layer.bias is not None:
             layer.bias.copy_(source.bias.detach().cpu())
     return model.train()

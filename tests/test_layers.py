@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
 from lowrank.layers import (
     DYNAMICAL_INIT_SCALE,
@@ -268,3 +269,50 @@ def test_kaiming_flat_factors_have_equal_singular_values_and_the_dense_frobenius
     u, s, v = initial_factors(784, 512, 64, "kaiming-flat")
     torch.testing.assert_close(s, torch.eye(64) * math.sqrt(2 * 512 / 64))
     assert torch.linalg.matrix_norm(u @ s @ v.T) ** 2 == pytest.approx(2 * 512, rel=1e-4)
+
+
+def test_dense_converts_to_and_from_torch_linear_with_the_same_map():
+    torch.manual_seed(0)
+    linear = nn.Linear(12, 7)
+    x = torch.randn(5, 12)
+    rng = torch.get_rng_state()
+    dense = Dense.from_linear(linear)
+    back = dense.to_linear()
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert dense.weight.shape == (12, 7) and torch.equal(dense.weight, linear.weight.T)
+    torch.testing.assert_close(dense(x), linear(x))
+    assert torch.equal(back.weight, linear.weight) and torch.equal(back.bias, linear.bias)
+    assert Dense.from_linear(nn.Linear(12, 7, bias=False)).bias is None
+
+
+@pytest.mark.parametrize("make", [
+    lambda dense: LowRank.from_dense(dense, 4),
+    lambda dense: LowRank.from_dense(dense, 4, factorization="uv"),
+    lambda dense: DynamicalLowRank.from_dense(dense, 4, tau=0.05),
+], ids=["lowrank usv", "lowrank uv", "dynamical"])
+def test_from_dense_is_the_best_rank_r_approximation_and_to_dense_its_weight(make):
+    torch.manual_seed(1)
+    dense = Dense(20, 16)
+    with torch.no_grad():
+        dense.bias.normal_()
+    rng = torch.get_rng_state()
+    layer = make(dense)
+    assert torch.equal(torch.get_rng_state(), rng)
+    sigma = torch.linalg.svdvals(dense.weight.detach())
+    error = torch.linalg.matrix_norm(layer.weight_matrix() - dense.weight.detach())
+    torch.testing.assert_close(error, sigma[4:].norm())  # Eckart-Young: the tail of the spectrum
+    assert torch.equal(layer.bias, dense.bias)
+    back = layer.to_dense()
+    torch.testing.assert_close(back.weight, layer.weight_matrix())
+    x = torch.randn(3, 20)
+    torch.testing.assert_close(back(x), layer(x))
+    if isinstance(layer, DynamicalLowRank):
+        torch.testing.assert_close(layer.U.T @ layer.U, torch.eye(4), atol=1e-5, rtol=0)
+        assert layer.tau == 0.05
+
+
+def test_a_full_rank_copy_of_a_dense_layer_computes_the_same_map():
+    torch.manual_seed(2)
+    dense = Dense(10, 6)
+    x = torch.randn(4, 10)
+    torch.testing.assert_close(LowRank.from_dense(dense, 6)(x), dense(x), atol=1e-5, rtol=1e-5)
