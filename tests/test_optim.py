@@ -11,7 +11,6 @@ from lowrank.layers import DYNAMICAL_INIT_SCALE, Dense, DynamicalLowRank
 from lowrank.network import NeuralNetwork, effective_weight
 from lowrank.optim import (
     DLRT,
-    _adam_directions,
     augmented_basis,
     build_optimizer,
     restore_orthonormality,
@@ -293,24 +292,6 @@ def test_restore_orthonormality_keeps_w_and_restores_the_bases():
     same = restore_orthonormality(u, s, v)
     assert same[0] is u and same[1] is s
 
-
-def test_fused_adam_directions_equal_the_foreach_ones(monkeypatch):
-    """The fused kernel and the torch._foreach_* fallback give the same directions and moments (to rounding)."""
-    gen = torch.Generator().manual_seed(0)
-    shapes, steps = [(30, 4), (4, 4), (20, 6)], [1, 3, 7]
-    grads = [torch.randn(shape, generator=gen, dtype=torch.float64) for shape in shapes]
-    moments = [(torch.randn(shape, generator=gen, dtype=torch.float64), torch.rand(shape, generator=gen, dtype=torch.float64))
-               for shape in shapes]
-    results = []
-    for fused in (True, False):
-        if not fused:
-            monkeypatch.delattr(torch, "_fused_adam_")
-        exp_avgs, exp_avg_sqs = [m.clone() for m, _ in moments], [v.clone() for _, v in moments]
-        directions = _adam_directions(grads, exp_avgs, exp_avg_sqs, steps, 0.9, 0.999, 1e-8)
-        results.append((directions, exp_avgs, exp_avg_sqs))
-    for fused, fallback in zip(*results):
-        for a, b in zip(fused, fallback):
-            torch.testing.assert_close(a, b, rtol=1e-13, atol=0)
 
 def test_sgd_momentum_step_runs_and_keeps_state_shapes():
     x, y = least_squares()
