@@ -5,6 +5,8 @@ from pathlib import Path
 
 import yaml
 
+import lowrank
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -40,3 +42,12 @@ def test_top_level_config_is_the_books_config():
     top = ROOT / "_config.yml"
     assert top.is_symlink()
     assert top.resolve() == (ROOT / "book" / "_config.yml").resolve()
+
+
+def test_the_citation_file_parses_and_names_this_version():
+    citation = yaml.safe_load((ROOT / "CITATION.cff").read_text(encoding="utf-8"))
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    assert citation["cff-version"] == "1.2.0" and citation["type"] == "software"
+    assert str(citation["version"]) == project["version"] == lowrank.__version__
+    assert citation["license"] == project["license"]
+    assert citation["authors"] and citation["title"].startswith("lowrank")
