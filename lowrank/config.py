@@ -102,6 +102,9 @@ class Settings:
     basis_state: str = option(
         "project", "DLRT optimiser state when bases change: project = carry Adam's moments to the new bases; "
                    "reset = drop them every step", choices=BASIS_STATES)
+    basis_interval: int = option(
+        1, "DLRT: augment and truncate the bases on every k-th step only, S-steps on the fixed bases between; "
+           "1 = the classic step", min=1)
     factor_decay: float = option(
         0.0, "L2 on the factors of lowrank layers: (lambda/2)(||U||² + ||S||² + ||V||²) added to the loss", min=0)
     frobenius_decay: float = option(
