@@ -54,7 +54,7 @@ pdf: setup $(MATHJAX) browser
 	@test -s book/_build/pdf/book.pdf && echo "wrote book/_build/pdf/book.pdf"
 
 benchmark: setup
-	$(PY) -m benchmarks.step
+	$(PY) -m lowrank benchmark
 
 clean:
 	rm -rf book/_build .pytest_cache

@@ -4,7 +4,7 @@ The layers and optimisers are imported lazily, so ``lowrank.config`` (and ``pyth
 load without torch.
 """
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 _EXPORTS = {
     "Dense": "lowrank.layers",

@@ -5,6 +5,7 @@
     torchrun --nproc_per_node=2 -m lowrank train fig.toml   # the same on 2 processes (lowrank.distributed)
     python -m lowrank report [--quick] [--jobs N]        # every figure notebook, then the book
     python -m lowrank notebooks                          # refresh the notebooks' stored (nbval) outputs
+    python -m lowrank benchmark [--full] [--device cuda] # time a training step against dense (lowrank.benchmark)
 
 Each command is a ``cmd_<name>(args) -> exit status`` function plus one ``add_parser`` entry in
 :func:`build_parser`. Configuration errors print their message and exit with status 2.
@@ -102,6 +103,13 @@ def cmd_notebooks(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_benchmark(args: argparse.Namespace) -> int:
+    from lowrank import benchmark
+
+    benchmark.main(args.options)
+    return 0
+
+
 def format_result(result) -> str:
     """A readable summary of a :class:`lowrank.training.TrainingResult`: history table, test metrics, folder."""
     history = result.history
@@ -171,6 +179,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "compares against. Run it after a change that alters the results, then commit the notebooks.")
     p.add_argument("--only", nargs="+", metavar="FIGURE", default=(), help="only these figures, e.g. fig_a")
     p.set_defaults(run=cmd_notebooks)
+
+    # lowrank.benchmark parses its own options (`python -m lowrank benchmark --help`), so that this parser
+    # loads without torch: with no option prefix here, every argument, --help too, is passed on to it.
+    p = commands.add_parser("benchmark", help="time, measure and profile one training step against torch dense",
+                            add_help=False, prefix_chars="+")
+    p.add_argument("options", nargs=argparse.REMAINDER, help="see `python -m lowrank benchmark --help`")
+    p.set_defaults(run=cmd_benchmark)
 
     return parser
 

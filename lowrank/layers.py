@@ -107,7 +107,8 @@ def skinny_mm(a: Tensor, b: Tensor) -> Tensor:
 
     The two are the same matrix (the second a transposed view), but MKL, the BLAS of PyTorch's x86 wheels,
     is 2-7x slower on ``(m, k) @ (k, n)`` with ``n < 16`` and a large ``k`` (the logits ``A W`` of a 10-class
-    output layer, ``X U`` at rank 10) than on the transposed product. See ``benchmarks/README.md``.
+    output layer, ``X U`` at rank 10) than on the transposed product (measured in the book chapter "What a
+    training step costs", ``notebooks/fig_n.ipynb``).
     """
     if b.shape[-1] < 16:
         return (b.mT @ a.mT).mT

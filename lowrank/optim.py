@@ -56,9 +56,11 @@ Ordinary parameters (dense layers, vanilla low-rank factors, the biases of dynam
 Cost, per rank-adaptive layer and step, besides the forward/backward pass: two Householder QRs of
 ``n x r`` matrices (instead of ``n x 2r``) and the two ``r x r`` SVDs of their ``R`` factors that reveal
 their numerical rank, about a dozen ``(n, r) x (r, r)`` products (projections, ``U_hat P``, the state's
-change of basis), one ``2r x 2r`` SVD, and for the single-pass integrator
-``X Q_U`` and ``Delta Q_V`` (``B n r`` each). The Adam directions of all factors are computed by one
-fused kernel call. ``benchmarks/step.py`` measures the step against a dense network.
+change of basis), one ``2r x 2r`` decomposition (:func:`truncate`: the eigendecomposition of a Gram matrix
+in float64 for float32 training, an SVD otherwise), and for the single-pass integrator ``X Q_U`` and
+``Delta Q_V`` (``B n r`` each). The Adam directions of all factors are computed by one fused kernel call.
+With ``basis_interval = k`` this work is done on every ``k``-th step only. ``python -m lowrank benchmark``
+(:mod:`lowrank.benchmark`) measures the step against a dense network.
 """
 
 from __future__ import annotations
@@ -84,6 +86,9 @@ ORTHONORMALITY_CHECK_INTERVAL = 4
 # truncation (truncated_rank): rounding of relative size eps then moves the kept part by at most about
 # eps / 1e-2 (1e-5 for float32's 1e-7), however close the singular values inside the cluster are.
 CLUSTER_RTOL = 1e-2
+# gram_truncation is used only when every kept singular value is at least this fraction of the largest:
+# its errors, eps64 (d_1 / d_i)^2 <= 2e-10, then stay below float32's rounding.
+GRAM_MIN_RATIO = 1e-3
 
 
 def orthonormal_basis(columns: Tensor) -> Tensor:
@@ -191,16 +196,51 @@ def truncate(s_hat: Tensor, tau: float, r_min: int, r_max: int) -> tuple[Tensor,
     discarded part has Frobenius norm ``||d[r1:]|| <= tau ||S_hat||_F`` unless the clamp
     to ``r_max`` forces a larger error.
 
-    The SVD is computed in float64 whatever the dtype of ``S_hat``: its singular vectors become the next bases,
-    and in float32 they made the step depend more on the factorisation of ``W``. Measured with
+    The decomposition is computed in float64 whatever the dtype of ``S_hat``: its singular vectors become
+    the next bases, and a float32 SVD made the step depend more on the factorisation of ``W``. Measured with
     ``test_a_step_depends_on_w_not_on_its_factorisation`` over 48 float32 cases (seeds 0-5): the relative
-    difference of ``W`` after three steps has median 7e-7 with this SVD in float64 and 4e-6 in float32
-    (9 cases above 3e-5 instead of 5), for an SVD 1.5x faster. The rank-revealing SVDs of
-    :func:`augmented_basis` run in the data's precision: there float32 changed neither number.
+    difference of ``W`` after three steps has median 7e-7 with a float64 decomposition and 4e-6 with a
+    float32 SVD (9 cases above 3e-5 instead of 5). For float32 (or lower) ``S_hat`` the float64
+    decomposition is :func:`gram_truncation`, 1.4-1.8x faster than the SVD, when it is accurate enough.
     """
+    if s_hat.dtype != torch.float64:
+        truncated = gram_truncation(s_hat, tau, r_min, r_max)
+        if truncated is not None:
+            return truncated
     p, d, qt = robust_svd(s_hat, torch.float64)
     r1 = truncated_rank(d, tau, r_min, r_max, CLUSTER_RTOL)
     return p[:, :r1], d[:r1], qt[:r1].T
+
+
+def gram_truncation(s_hat: Tensor, tau: float, r_min: int, r_max: int) -> tuple[Tensor, Tensor, Tensor] | None:
+    """:func:`truncate` of a single-precision ``S_hat`` from the eigendecomposition of its Gram matrix, in float64;
+    ``None`` when that is not accurate to the precision of ``S_hat``.
+
+    With ``A = S_hat`` in float64 (exact) and ``A^T A = Q diag(lambda) Q^T`` (``lambda`` decreasing; the smaller
+    side's Gram matrix, ``A A^T`` for a wide ``A``), ``d = sqrt(lambda)`` and the kept left vectors are
+    ``P_r1 = A Q_r1 diag(d[:r1])^{-1}``. The eigensolver's errors are ``eps64 d_1^2`` in ``lambda``, so ``d_i``
+    and the orthonormality of ``P_r1`` are off by about ``eps64 (d_1 / d_i)^2``: below float32's rounding
+    (``6e-8``) when every kept ``d_i >= GRAM_MIN_RATIO d_1``, the case of every truncation at ``tau > 0`` in
+    the report's training runs. A smaller kept singular value, or a failed eigensolver, returns ``None``
+    and the caller takes the SVD.
+    """
+    a = s_hat.double()
+    wide = a.shape[0] < a.shape[1]
+    if wide:
+        a = a.T
+    try:
+        eigenvalues, vectors = torch.linalg.eigh(a.T @ a)
+    except torch.linalg.LinAlgError:
+        return None
+    d = eigenvalues.flip(0).clamp_min(0).sqrt()
+    r1 = truncated_rank(d, tau, r_min, r_max, CLUSTER_RTOL)
+    if r1 == 0 or not float(d[r1 - 1]) >= GRAM_MIN_RATIO * float(d[0]):
+        return None
+    right = vectors.flip(1)[:, :r1]
+    left = (a @ right) / d[:r1]
+    if wide:
+        left, right = right, left
+    return left.to(s_hat.dtype), d[:r1].to(s_hat.dtype), right.to(s_hat.dtype)
 
 
 def robust_svd(matrix: Tensor, precision: torch.dtype | None = None) -> tuple[Tensor, Tensor, Tensor]:
@@ -211,14 +251,14 @@ def robust_svd(matrix: Tensor, precision: torch.dtype | None = None) -> tuple[Te
     augmented ``S_hat`` whose old block has many equal singular values (the flat ``kaiming-flat`` start,
     ``S = c I``) made float32 ``gesdd`` stop with "failed to converge", and the seed study's ``N(0, 1)``
     start made MKL's float32 solver report invalid scaling parameters and return NaN. So a
-    :class:`torch.linalg.LinAlgError` or a non-finite factor sends the matrix to float64.
+    :class:`torch.linalg.LinAlgError` or a non-finite singular value sends the matrix to float64.
     """
     if precision is None:
         precision = matrix.dtype
     if precision != torch.float64:
         try:
             p, d, qt = torch.linalg.svd(matrix.to(precision), full_matrices=False)
-            if all(bool(torch.isfinite(factor).all()) for factor in (d, p, qt)):
+            if bool(torch.isfinite(d).all()):  # a failed solve leaves NaN in the singular values too
                 return p.to(matrix.dtype), d.to(matrix.dtype), qt.to(matrix.dtype)
         except torch.linalg.LinAlgError:
             pass

@@ -28,6 +28,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
+
 from lowrank import config as cfg
 
 #: Settings of a ``--quick`` run: a small training subset and one epoch without fine-tuning (validation
@@ -39,7 +41,8 @@ PROGRESS_ENV = "LOWRANK_PROGRESS"
 #: Figures that are not network studies say so in ``[figure] kind`` of their TOML; the loader named here
 #: validates such a file instead of :func:`lowrank.config.load` (which needs models). No ``kind``, or
 #: ``kind = "network"``, is a study of :mod:`lowrank.config`.
-FIGURE_KINDS = {"matrix-ode": "lowrank.dlra:load_experiment", "adapters": "lowrank.adapters:load_experiment"}
+FIGURE_KINDS = {"matrix-ode": "lowrank.dlra:load_experiment", "adapters": "lowrank.adapters:load_experiment",
+                "step-benchmark": "lowrank.benchmark:load_experiment"}
 #: The figure shown in the README: its first plot, saved by a full-size run.
 README_FIGURE = ("fig_a", Path("book/images/fig_a.png"))
 #: Where an executed figure notebook of the record keeps what it was computed from and on what
@@ -165,6 +168,13 @@ def ranks_differ(first: dict, second: dict) -> bool:
     return False
 
 
+def ranks_at_least(first: dict, second: dict) -> bool:
+    """Whether ``first``'s final ranks are at least ``second``'s beyond their seeds: in every hidden layer the
+    lowest of ``first``'s seeds is at least the highest of ``second``'s (``seed_statistics(...)["ranks"]``)."""
+    return all(min(ranks[layer] for ranks in first["ranks"]) >= max(ranks[layer] for ranks in second["ranks"])
+               for layer in range(len(first["ranks"][0])))
+
+
 def glue_seed_results(prefix: str, results) -> None:
     """Glue each model's statistics over its seeds (:func:`seed_statistics`) as ``{prefix}_{slug(model)}_{metric}``:
     ``test_accuracy`` and ``spread`` (%, 2 decimals), ``ranks`` (each seed's final hidden ranks, as text),
@@ -199,6 +209,48 @@ def compare(model: tuple[float, float], reference: tuple[float, float]) -> str:
     by more than the sum of the two spreads, else ``"within the seed spread of"``."""
     verdict = trend(reference, model)
     return {"rises": "above", "falls": "below"}.get(verdict, "within the seed spread of")
+
+
+#: Issue 13's bar for a low-rank network against dense: no more training time, at most this many points lower.
+DENSE_ACCURACY_MARGIN = 0.3
+#: The columns of :func:`basis_interval_table` that depend on the machine's speed (not compared by nbval).
+TIME_COLUMNS = ["train s", "time / dense", "as fast as dense"]
+
+
+def basis_interval_table(stats: dict[str, dict], models: dict[int, str], dense: str,
+                         margin: float = DENSE_ACCURACY_MARGIN) -> pd.DataFrame:
+    """Each basis interval ``k`` of ``models`` (``{k: model name}``, ``k = 1`` among them) judged against ``k = 1``
+    and against ``dense``, from :func:`seed_statistics` of every model (``stats``). One row per ``k``:
+
+    - ``test accuracy (%)``, ``spread``, ``ranks`` (each seed's), ``train s`` (mean over the seeds, :class:`Seconds`);
+    - ``vs k=1``: :func:`compare` of the accuracies; ``ranks vs k=1``: ``"differ"`` when :func:`ranks_differ`;
+    - ``time / dense``: training time over dense's; ``points below dense``: dense's accuracy minus this one;
+    - ``as fast as dense``: ``"met"`` when ``time / dense <= 1`` and ``points below dense <= margin``.
+
+    The last three depend on the machine's speed (:data:`TIME_COLUMNS`).
+    """
+    baseline, reference = stats[models[1]], stats[dense]
+    rows = []
+    for k, name in sorted(models.items()):
+        model = stats[name]
+        ratio = model["seconds"] / reference["seconds"]
+        below = reference["test_accuracy"] - model["test_accuracy"]
+        rows.append({
+            "k": k, "test accuracy (%)": round(model["test_accuracy"], 2), "spread": round(model["spread"], 2),
+            "ranks": " and ".join(str(ranks) for ranks in model["ranks"]), "train s": Seconds(model["seconds"]),
+            "vs k=1": compare((model["test_accuracy"], model["spread"]), (baseline["test_accuracy"], baseline["spread"])),
+            "ranks vs k=1": "differ" if ranks_differ(model, baseline) else "do not differ",
+            "time / dense": round(ratio, 2), "points below dense": round(below, 2),
+            "as fast as dense": "met" if ratio <= 1 and below <= margin else "missed",
+        })
+    return pd.DataFrame(rows).set_index("k")
+
+
+def largest_equivalent_interval(table: pd.DataFrame) -> int:
+    """The largest ``k`` of a :func:`basis_interval_table` whose accuracy is not below ``k = 1``'s beyond the seed
+    spread and whose ranks do not differ from ``k = 1``'s (1 if no other ``k`` is)."""
+    same = table[(table["vs k=1"] != "below") & (table["ranks vs k=1"] == "do not differ")]
+    return int(same.index.max())
 
 
 def max_rank(layer: cfg.LayerConfig) -> int:
@@ -498,12 +550,18 @@ def estimated_work(figure: Figure) -> float:
     return work
 
 
+#: Figure kinds that measure time: they run last, in a wave of their own, so that no other figure shares the CPU.
+TIMING_KINDS = ("step-benchmark",)
+
+
 def schedule(figures: list[Figure]) -> list[list[Figure]]:
     """Waves of figures: a figure runs after every selected figure it ``uses``; within a wave the figures with
-    the most work (:func:`estimated_work`) come first, so that with ``--jobs N`` the longest does not start last."""
+    the most work (:func:`estimated_work`) come first, so that with ``--jobs N`` the longest does not start last.
+    Figures of :data:`TIMING_KINDS` form the last wave alone."""
+    timing = [f for f in figures if figure_kind(f.config) in TIMING_KINDS]
     selected = {f.name for f in figures}
     done: set[str] = set()
-    waves, pending = [], list(figures)
+    waves, pending = [], [f for f in figures if f not in timing]
     while pending:
         wave = [f for f in pending if all(used in done or used not in selected for used in f.uses)]
         if not wave:
@@ -511,7 +569,7 @@ def schedule(figures: list[Figure]) -> list[list[Figure]]:
         waves.append(sorted(wave, key=estimated_work, reverse=True))
         done |= {f.name for f in wave}
         pending = [f for f in pending if f not in wave]
-    return waves
+    return waves + ([timing] if timing else [])
 
 
 def run(

@@ -91,3 +91,13 @@ def test_unknown_model_name_exits_2(tmp_path):
     done = run_cli("train", str(tmp_path / "tiny.toml"), "--model", "nope", "--out", str(tmp_path))
     assert done.returncode == 2
     assert 'no model named "nope"' in done.stderr and '"tiny"' in done.stderr
+
+
+def test_benchmark_passes_every_option_to_the_benchmark_and_the_parser_needs_no_torch():
+    done = run_cli("benchmark", "--help")
+    assert done.returncode == 0 and "python -m lowrank benchmark" in done.stdout and "--device {cpu,cuda}" in done.stdout
+    done = run_cli("benchmark", "--widths", "0")
+    assert done.returncode == 2 and "argument --widths: 0 is not an integer >= 1" in done.stderr
+    check = "import sys; from lowrank.__main__ import build_parser; build_parser(); print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "False", done.stderr

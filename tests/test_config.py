@@ -314,6 +314,7 @@ def test_wrong_type_in_layer():
     ("learning_rate = 0", "learning_rate = 0.0"), ("learning_rate = -1e-3", "learning_rate = -0.001"),
     ("batch_size = 0", "batch_size = 0"), ("num_epochs = 0", "num_epochs = 0"), ("subset = 0", "subset = 0"),
     ("weight_decay = -1", "weight_decay = -1.0"), ("seed = -1", "seed = -1"),
+    ("basis_interval = 0", "basis_interval = 0"),
 ])
 def test_settings_out_of_range(line, value):
     message = error_of(single(DENSE_FIRST + DENSE_OUT, line))
@@ -581,3 +582,22 @@ def test_the_choices_of_the_config_are_the_library_s():
     assert (config.INITS, config.FACTORIZATIONS) == (layers.INITS, layers.FACTORIZATIONS)
     assert (config.INTEGRATORS, config.BASIS_STATES) == (optim.INTEGRATORS, optim.BASIS_STATES)
     assert config.DYNAMICAL_INIT_SCALE == layers.DYNAMICAL_INIT_SCALE
+
+
+def test_basis_interval_reaches_the_dlrt_optimiser():
+    from lowrank.network import NeuralNetwork
+
+    model = config.loads("""
+[settings]
+basis_interval = 5
+[[layer]]
+type = "dynamical"
+dims = [784, 32]
+rank = 8
+[[layer]]
+type = "dense"
+dims = [32, 10]
+activation = "identity"
+""").models[0]
+    network = NeuralNetwork.from_config(model.layers)
+    assert optim.build_optimizer(network, model.settings).dlrt.basis_interval == 5

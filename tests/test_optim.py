@@ -7,12 +7,15 @@ import pytest
 import torch
 from torch.nn import functional as F
 
+from lowrank import optim
 from lowrank.layers import DYNAMICAL_INIT_SCALE, Dense, DynamicalLowRank
 from lowrank.network import NeuralNetwork, effective_weight
 from lowrank.optim import (
     DLRT,
+    GRAM_MIN_RATIO,
     augmented_basis,
     build_optimizer,
+    gram_truncation,
     restore_orthonormality,
     robust_svd,
     truncate,
@@ -233,7 +236,7 @@ def test_truncation_falls_back_to_float64_when_the_svd_fails(monkeypatch):
     torch.testing.assert_close(p @ torch.diag(d) @ q.T, torch.diag(torch.tensor([3.0, 2.0, 0.0])))
 
 
-def test_small_svds_run_in_single_precision_and_fall_back_to_float64_on_non_finite_factors(monkeypatch):
+def test_small_svds_run_in_single_precision_and_fall_back_to_float64_on_non_finite_values(monkeypatch):
     matrix = torch.randn(6, 6, generator=torch.Generator().manual_seed(0))
     svd, dtypes = torch.linalg.svd, []
 
@@ -256,6 +259,37 @@ def test_small_svds_run_in_single_precision_and_fall_back_to_float64_on_non_fini
     p, d, qt = robust_svd(matrix)
     assert d.dtype == torch.float32 and bool(torch.isfinite(d).all())
     torch.testing.assert_close(p @ torch.diag(d) @ qt, matrix)
+
+
+@pytest.mark.parametrize("shape", [(40, 40), (40, 31), (31, 40)], ids=["square", "tall", "wide"])
+def test_the_gram_truncation_of_a_float32_matrix_matches_the_float64_svd(shape):
+    gen = torch.Generator().manual_seed(0)
+    s_hat = torch.randn(*shape, generator=gen) * torch.logspace(0, -2, shape[1])  # decaying column scales
+    p, d, q = gram_truncation(s_hat, tau=0.05, r_min=1, r_max=40)
+    assert p.dtype == d.dtype == q.dtype == torch.float32
+    full_p, full_d, full_qt = torch.linalg.svd(s_hat.double(), full_matrices=False)
+    r1 = len(d)
+    torch.testing.assert_close(d.double(), full_d[:r1], rtol=1e-6, atol=0)
+    eye = torch.eye(r1)
+    torch.testing.assert_close(p.T @ p, eye, atol=1e-6, rtol=0)
+    torch.testing.assert_close(q.T @ q, eye, atol=1e-6, rtol=0)
+    expected = (full_p[:, :r1] * full_d[:r1]) @ full_qt[:r1]
+    torch.testing.assert_close((p * d) @ q.T, expected.float(), atol=1e-6 * float(full_d[0]), rtol=0)
+
+
+def test_truncation_takes_the_svd_when_a_kept_singular_value_is_too_small_for_the_gram_matrix(monkeypatch):
+    s_hat = torch.diag(torch.tensor([1.0, 0.5, GRAM_MIN_RATIO / 10]))
+    assert gram_truncation(s_hat, tau=0.0, r_min=1, r_max=3) is None  # tau = 0 keeps the tiny value
+    assert gram_truncation(s_hat, tau=0.01, r_min=1, r_max=3) is not None  # it is cut: the Gram matrix will do
+    p, d, q = truncate(s_hat, tau=0.0, r_min=1, r_max=3)
+    torch.testing.assert_close(d, torch.tensor([1.0, 0.5, GRAM_MIN_RATIO / 10]))
+    torch.testing.assert_close(p.T @ p, torch.eye(3))
+
+    def no_gram(*args, **kwargs):
+        raise AssertionError("float64 coefficients go to the SVD")
+
+    monkeypatch.setattr(optim, "gram_truncation", no_gram)
+    truncate(s_hat.double(), tau=0.0, r_min=1, r_max=3)
 
 
 def reference_adaptive_sgd_step(layer, x, y, h):

@@ -63,6 +63,12 @@ def test_figures_run_after_the_figures_they_use():
     assert position["fig_a"] == 0
 
 
+def test_the_step_benchmark_runs_last_and_alone():
+    waves = report.schedule(report.discover(ROOT))
+    assert [figure.name for figure in waves[-1]] == ["fig_n"]
+    assert all(figure.name != "fig_n" for wave in waves[:-1] for figure in wave)
+
+
 def test_within_a_wave_the_figures_with_the_most_training_start_first():
     first = report.schedule(report.discover(ROOT))[0]
     work = [report.estimated_work(figure) for figure in first]
@@ -169,6 +175,13 @@ def test_ranks_differ_when_some_layer_s_seed_ranges_do_not_overlap():
     assert not report.ranks_differ(first, first)
 
 
+def test_ranks_at_least_needs_every_layer_s_lowest_seed_at_or_above_the_other_s_highest():
+    k1 = {"ranks": [[47, 52], [46, 47]]}
+    assert report.ranks_at_least({"ranks": [[61, 72], [52, 70]]}, k1)
+    assert not report.ranks_at_least({"ranks": [[61, 72], [46, 70]]}, k1)  # layer 0: 46 < 47
+    assert report.ranks_at_least(k1, k1) is False and report.ranks_at_least({"ranks": [[47, 52]]}, {"ranks": [[47, 52]]})
+
+
 def test_epochs_at_max_rank_counts_the_epochs_a_dynamical_layer_ends_clamped_at_r_max():
     model = config.loads("""
 [[layer]]
@@ -185,3 +198,27 @@ activation = "identity"
     assert report.epochs_at_max_rank(SimpleNamespace(config=model, history=history)) == 2
     history["rank_0"] = [32, 31, 20, 12]  # the untrained network (epoch 0) does not count
     assert report.epochs_at_max_rank(SimpleNamespace(config=model, history=history)) == 0
+
+
+def test_basis_intervals_are_judged_against_k_1_and_against_dense():
+    def stats(accuracy, spread, ranks, seconds):
+        return {"test_accuracy": accuracy, "spread": spread, "ranks": ranks, "seconds": seconds}
+
+    models = {1: "k=1", 2: "k=2", 5: "k=5", 10: "k=10"}
+    table = report.basis_interval_table({
+        "dense": stats(98.0, 0.05, [[512, 512], [512, 512]], 20.0),
+        "k=1": stats(97.9, 0.05, [[47, 50], [48, 50]], 50.0),
+        "k=2": stats(97.85, 0.05, [[47, 51], [48, 50]], 30.0),  # within the spread of k=1 (0.05 <= 0.05 + 0.05)
+        "k=5": stats(97.75, 0.05, [[47, 50], [49, 50]], 19.0),  # 0.15 below k=1: below; 0.25 below dense
+        "k=10": stats(97.85, 0.02, [[30, 31], [30, 32]], 15.0),  # ranks differ from k=1's
+    }, models, "dense")
+    assert list(table.index) == [1, 2, 5, 10]
+    assert list(table["vs k=1"]) == ["within the seed spread of", "within the seed spread of", "below",
+                                     "within the seed spread of"]
+    assert list(table["ranks vs k=1"]) == ["do not differ", "do not differ", "do not differ", "differ"]
+    assert list(table["time / dense"]) == [2.5, 1.5, 0.95, 0.75]
+    assert list(table["as fast as dense"]) == ["missed", "missed", "met", "met"]
+    assert table.loc[1, "ranks"] == "[47, 50] and [48, 50]"
+    assert report.largest_equivalent_interval(table) == 2
+    table.loc[2, "vs k=1"] = "below"
+    assert report.largest_equivalent_interval(table) == 1
