@@ -222,7 +222,7 @@ def basis_interval_table(stats: dict[str, dict], models: dict[int, str], dense: 
     """Each basis interval ``k`` of ``models`` (``{k: model name}``, ``k = 1`` among them) judged against ``k = 1``
     and against ``dense``, from :func:`seed_statistics` of every model (``stats``). One row per ``k``:
 
-    - ``test accuracy (%)``, ``spread``, ``ranks`` (each seed's), ``train s`` (mean over the seeds, :class:`Seconds`);
+    - ``test accuracy (%)``, ``spread``, ``ranks`` (each seed's), ``train s`` (mean over the seeds, as :class:`Seconds` prints it);
     - ``vs k=1``: :func:`compare` of the accuracies; ``ranks vs k=1``: ``"differ"`` when :func:`ranks_differ`;
     - ``time / dense``: training time over dense's; ``points below dense``: dense's accuracy minus this one;
     - ``as fast as dense``: ``"met"`` when ``time / dense <= 1`` and ``points below dense <= margin``.
@@ -237,7 +237,8 @@ def basis_interval_table(stats: dict[str, dict], models: dict[int, str], dense: 
         below = reference["test_accuracy"] - model["test_accuracy"]
         rows.append({
             "k": k, "test accuracy (%)": round(model["test_accuracy"], 2), "spread": round(model["spread"], 2),
-            "ranks": " and ".join(str(ranks) for ranks in model["ranks"]), "train s": Seconds(model["seconds"]),
+            "ranks": " and ".join(str(ranks) for ranks in model["ranks"]),
+            "train s": str(Seconds(model["seconds"])),
             "vs k=1": compare((model["test_accuracy"], model["spread"]), (baseline["test_accuracy"], baseline["spread"])),
             "ranks vs k=1": "differ" if ranks_differ(model, baseline) else "do not differ",
             "time / dense": round(ratio, 2), "points below dense": round(below, 2),
