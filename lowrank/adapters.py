@@ -489,14 +489,7 @@ def parse_experiment(data: dict, path: str | Path | None = None, quick: bool = F
     """Validate a dict shaped like the TOML file; ``quick`` applies ``[quick]`` and the report's quick
     pretraining (:func:`lowrank.report.quick_settings`: 1,000 images, at most 1 epoch)."""
     file = "<config>" if path is None else str(path)
-    unknown = sorted(set(data) - {"figure", "pretrain", "adaptation", "bilevel", "quick"})
-    if unknown:
-        raise cfg.ConfigError(f"{file}: unknown top-level key {unknown[0]!r}; "
-                              "allowed: [figure], [pretrain], [adaptation], [bilevel], [quick]")
-    figure = data.get("figure", {})
-    if not isinstance(figure, dict) or figure.get("kind") != KIND:
-        kind = figure.get("kind") if isinstance(figure, dict) else figure
-        raise cfg.ConfigError(f'{file}: figure.kind = {kind!r} is not allowed; allowed: "{KIND}"')
+    figure = cfg.experiment_figure(data, KIND, ("pretrain", "adaptation", "bilevel", "quick"), file)
     pretrain = data.get("pretrain")
     if not isinstance(pretrain, dict):
         raise cfg.ConfigError(f"{file}: pretrain is missing; allowed: a table [pretrain] with [pretrain.settings] "

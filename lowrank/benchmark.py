@@ -100,7 +100,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry, shape_wrapper
 
 from lowrank import report
-from lowrank.config import ConfigError, Settings, read_toml
+from lowrank.config import ConfigError, Settings, experiment_figure, read_toml
 from lowrank.layers import Dense, DynamicalLowRank, LowRank
 from lowrank.network import NeuralNetwork
 from lowrank.optim import build_optimizer
@@ -609,13 +609,7 @@ def parse_experiment(data: dict, path: str | Path | None = None, quick: bool = F
     """Validate a dict shaped like the TOML file; ``quick`` applies the ``[quick]`` overrides. Both runs, full
     and quick, are checked whichever is asked for."""
     file = "<config>" if path is None else str(path)
-    unknown = sorted(set(data) - {"figure", "grid", "protocol", "quick"})
-    if unknown:
-        raise ConfigError(f"{file}: unknown top-level key {unknown[0]!r}; allowed: [figure], [grid], [protocol], [quick]")
-    figure = data.get("figure", {})
-    if not isinstance(figure, dict) or figure.get("kind") != KIND:
-        kind = figure.get("kind") if isinstance(figure, dict) else figure
-        raise ConfigError(f'{file}: figure.kind = {kind!r} is not allowed; allowed: "{KIND}"')
+    figure = experiment_figure(data, KIND, ("grid", "protocol", "quick"), file)
     full = Experiment(**_table_values(data, "grid", file), **_table_values(data, "protocol", file), figure=dict(figure))
     runs = {"": full, "quick ": replace(full, **_table_values(data, "quick", file))}
     for run_, experiment in runs.items():

@@ -243,6 +243,21 @@ def read_toml(path: str | Path) -> dict:
         raise ConfigError(f"{path}: invalid TOML: {error}") from None
 
 
+def experiment_figure(data: dict, kind: str, tables: tuple[str, ...], file: str) -> dict:
+    """The ``[figure]`` table of an experiment TOML of ``kind`` (a figure that is not a network study), after
+    checking that the file has no top-level key but ``figure`` and ``tables`` and that ``figure.kind`` is
+    ``kind``; each problem is a ConfigError naming the file, the key and what is allowed."""
+    unknown = sorted(set(data) - {"figure", *tables})
+    if unknown:
+        allowed = ", ".join(f"[{table}]" for table in ("figure", *tables))
+        raise ConfigError(f"{file}: unknown top-level key {unknown[0]!r}; allowed: {allowed}")
+    figure = data.get("figure", {})
+    if not isinstance(figure, dict) or figure.get("kind") != kind:
+        given = figure.get("kind") if isinstance(figure, dict) else figure
+        raise ConfigError(f'{file}: figure.kind = {given!r} is not allowed; allowed: "{kind}"')
+    return figure
+
+
 def loads(text: str, path: str | Path | None = None) -> Study:
     """Validate TOML text; `path` names the file in messages and the single model."""
     try:

@@ -52,7 +52,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from lowrank.config import ConfigError, read_toml
+from lowrank.config import ConfigError, experiment_figure, read_toml
 from lowrank.threads import torch_threads
 
 METHODS = ("direct-euler", "direct-rk4", "kls", "kls-exact", "projector-splitting", "projector-splitting-exact")
@@ -409,13 +409,7 @@ def _table_values(data: dict, name: str, file: str) -> dict:
 def parse_experiment(data: dict, path: str | Path | None = None, quick: bool = False) -> Experiment:
     """Validate a dict shaped like the TOML file; ``quick`` applies the ``[quick]`` overrides."""
     file = "<config>" if path is None else str(path)
-    unknown = sorted(set(data) - {"figure", "problem", "run", "quick"})
-    if unknown:
-        raise ConfigError(f"{file}: unknown top-level key {unknown[0]!r}; allowed: [figure], [problem], [run], [quick]")
-    figure = data.get("figure", {})
-    if not isinstance(figure, dict) or figure.get("kind") != KIND:
-        kind = figure.get("kind") if isinstance(figure, dict) else figure
-        raise ConfigError(f'{file}: figure.kind = {kind!r} is not allowed; allowed: "{KIND}"')
+    figure = experiment_figure(data, KIND, ("problem", "run", "quick"), file)
     values = {**_table_values(data, "problem", file), **_table_values(data, "run", file)}
     overrides = _table_values(data, "quick", file)
     experiment = Experiment(**values, figure=dict(figure))
