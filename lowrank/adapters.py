@@ -49,7 +49,7 @@ from torch import Tensor, nn
 from lowrank import config as cfg
 from lowrank.layers import Dense, dense_product, random_orthonormal, skinny_mm
 from lowrank.network import ACTIVATIONS, NeuralNetwork
-from lowrank.threads import torch_threads
+from lowrank.determinism import default_dtype, torch_threads
 
 SHIFTS = ("permuted-labels", "fashion-mnist")
 KIND = "adapters"
@@ -566,7 +566,7 @@ def run_experiment(experiment: Experiment, results_dir: str | Path | None = None
 
     seconds, rows = {}, []
     # Adapters, their optimiser state and the task's images take the pretrained network's dtype.
-    with torch_threads(1), training.default_dtype(experiment.pretrain.settings.dtype):
+    with torch_threads(1), default_dtype(experiment.pretrain.settings.dtype):
         start = time.perf_counter()
         pretrained = training.train(experiment.pretrain, results_dir=results_dir, force=force, progress=False)
         seconds["pretraining"] = time.perf_counter() - start

@@ -690,7 +690,7 @@ def _count(text: str) -> int:
 
 def parse_args(argv: Sequence[str] = ()) -> tuple[Experiment, Path]:
     """The experiment and the output folder of a command line (``python -m lowrank benchmark --help``)."""
-    from lowrank.training import default_results_dir
+    from lowrank.store import default_results_dir
 
     default = Experiment()
     parser = argparse.ArgumentParser(prog="python -m lowrank benchmark", description=__doc__.split("\n\n")[0],

@@ -42,14 +42,15 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, TensorDataset
+
+from lowrank.store import atomic_write
 
 DATASETS = ("mnist", "fashion-mnist")
 SPLITS = ("train", "val", "test")
@@ -124,27 +125,6 @@ def verify_sha256(path: Path, expected: str) -> None:
             f"{path}: sha256 {actual} does not match the expected {expected}; "
             "the file is corrupt or has been tampered with, and was not loaded"
         )
-
-
-@contextmanager
-def atomic_write(path: Path) -> Iterator[BinaryIO]:
-    """Write `path` all at once or not at all.
-
-    Yields a temporary file in the same folder; when the block ends without an error the file replaces
-    `path` in one step (`os.replace`), otherwise it is deleted and `path` is left as it was.
-    """
-    path = Path(path)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "wb") as file:
-            yield file
-            file.flush()
-            os.fsync(file.fileno())
-        os.chmod(temporary, 0o644)  # mkstemp makes it private (0600); the cache may be shared
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
 
 
 # numpy's array reconstructor, taken from an array so that this numpy's module for it (numpy.core or

@@ -45,7 +45,7 @@ sums; the timing columns are the slowest process's. Every process returns the sa
 
 Files: rank 0 alone writes checkpoints and the result; the others wait for it at the end. Every process reads
 the same checkpoint to resume, so the results directory must be shared (one machine, or a shared file system).
-A run of N > 1 processes lives in ``<name>-<cache key>-<N>proc/`` (:func:`lowrank.training.run_dir`): its
+A run of N > 1 processes lives in ``<name>-<cache key>-<N>proc/`` (:func:`lowrank.store.run_dir`): its
 global batch is N times ``batch_size``, so it must not be taken for the one-process run of the same config;
 ``result.json`` records ``"processes": N``.
 

@@ -53,7 +53,7 @@ import torch
 from torch import Tensor
 
 from lowrank.config import ConfigError, experiment_figure, read_toml
-from lowrank.threads import torch_threads
+from lowrank.determinism import torch_threads
 
 METHODS = ("direct-euler", "direct-rk4", "kls", "kls-exact", "projector-splitting", "projector-splitting-exact")
 SUBSTEPS = ("euler", "exact")

@@ -73,6 +73,21 @@ class NeuralNetwork(nn.Module):
         return [getattr(layer, "rank", min(layer.in_features, layer.out_features)) for layer in self.layers]
 
     @torch.no_grad()
+    def copy_from_dense(self, dense: "NeuralNetwork") -> "NeuralNetwork":
+        """Set every layer from the layer of ``dense`` in the same position (same ``dims``), in place: a
+        :class:`Dense` layer copies its ``W``, a factorised layer of rank ``r`` becomes the best rank-``r``
+        approximation of it (the truncated SVD, the layer's ``approximate_``); biases are copied. Returns self."""
+        for source, layer in zip(dense.layers, self.layers, strict=True):
+            weight = source.weight.detach().to(next(layer.parameters()).device)
+            if isinstance(layer, Dense):
+                layer.weight.copy_(weight)
+            else:
+                layer.approximate_(weight)
+            if layer.bias is not None:
+                layer.bias.copy_(source.bias.detach())
+        return self
+
+    @torch.no_grad()
     def weight_matrices(self) -> list[Tensor]:
         """Each layer's ``W`` of shape ``(n_in, n_out)``, formed explicitly (for analysis, not training)."""
         return [effective_weight(layer) for layer in self.layers]

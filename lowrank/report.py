@@ -620,13 +620,14 @@ def save_first_image(notebook: Path, path: Path) -> None:
 
     import nbformat
 
+    from lowrank.store import atomic_write  # imports torch, which the command-line parser must not
+
     for cell in nbformat.read(notebook, as_version=4).cells:
         for output in cell.get("outputs", []):
             if "image/png" in output.get("data", {}):
                 path.parent.mkdir(parents=True, exist_ok=True)
-                partial = path.with_suffix(".partial")
-                partial.write_bytes(base64.b64decode(output["data"]["image/png"]))
-                os.replace(partial, path)
+                with atomic_write(path) as file:
+                    file.write(base64.b64decode(output["data"]["image/png"]))
                 return
     raise ValueError(f"{notebook} has no PNG output")
 

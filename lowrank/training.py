@@ -61,45 +61,27 @@ only, timings 0), so curves start at the initial loss:
     the within-class variability NC1 (:func:`lowrank.analysis.nc1`) of each layer's input features, on
     the first :data:`FEATURE_SAMPLE` training images (``nc1_0``: the pixels).
 
-Results cache: a finished run lives in ``<results_dir>/<name>-<cache key>/`` (``ModelConfig.cache_key()``
-hashes the resolved config and lowrank's version), written atomically (temporary file + ``os.replace``):
-
-- ``history.csv``: the history above;
-- ``model.pt``: the final ``state_dict`` (CPU tensors; load with ``torch.load(..., weights_only=True)``);
-- ``spectra.csv`` (only with ``settings.track_layers``): every layer's singular values after every epoch,
-  tidy: ``epoch``, ``layer``, ``index`` (0 = largest), ``value``;
-- ``result.json``: test loss and accuracy, the config, versions, device; written last, it marks the run done;
-- ``lock`` (only while the run is not done): empty; the process training the run holds an exclusive
-  ``flock`` on it (:func:`run_lock`), so two processes asked for the same run train it once.
-
-While training, ``checkpoint.pt`` in the same folder holds the state after the last finished epoch (model,
-optimiser, history, RNG states); ``train`` resumes from it and deletes it when the run is done.
-The results directory is ``results_dir``, else the environment variable ``LOWRANK_RESULTS``, else
-``./results``.
+Results cache: a finished run lives in ``<results_dir>/<name>-<cache key>/`` (:mod:`lowrank.store`: the run
+folder, its files, the lock, the checkpoint and the atomic writes). While training, ``checkpoint.pt`` holds
+the state after the last finished epoch (model, optimiser, history, RNG states); ``train`` resumes from it
+and deletes it when the run is done.
 
 Several processes (``torchrun --nproc_per_node=N -m lowrank train``): data-parallel, each process on its shard
 of every batch of ``N * batch_size`` images, gradients averaged after each backward pass; rank 0 writes the
 files, in ``<name>-<cache key>-<N>proc/``. See :mod:`lowrank.distributed`.
 
-Reproducibility: ``torch.manual_seed(seed)`` before the model is built; epoch ``e`` shuffles the training
-images with the seed :func:`epoch_seed` ``(seed, e)`` (the loader's generator and torch's global generator
-are both re-seeded), so a run resumed at an epoch boundary sees the same batches as an uninterrupted one
-and its history is identical except for the timing columns. Training runs on ``threads`` CPU threads
-(default 1: faster for these small networks) with deterministic algorithms; both settings, and the
-caller's global RNG state, are restored afterwards.
+Reproducibility (:mod:`lowrank.determinism`): the seed is set before the model is built and every epoch's
+batch order is a function of ``(seed, epoch)``, so a run resumed at an epoch boundary sees the same batches as
+an uninterrupted one and its history is identical except for the timing columns. Training runs on ``threads``
+CPU threads (default 1: faster for these small networks) with deterministic algorithms; both settings, and
+the caller's global RNG state, are restored afterwards.
 """
 
 from __future__ import annotations
 
-import fcntl
-import json
-import os
-import re
 import sys
 import time
-import warnings
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -111,21 +93,16 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from lowrank import __version__, distributed, metrics, regularizers
+from lowrank import __version__, distributed, metrics, regularizers, store
 from lowrank.config import ModelConfig
-from lowrank.layers import Dense
+from lowrank.determinism import default_dtype, rng_state, run_settings, seed_epoch, set_rng_state
 from lowrank.network import NeuralNetwork
 from lowrank.optim import build_optimizer
 
-RESULTS_ENV = "LOWRANK_RESULTS"
 TIMING_COLUMNS = ("train_seconds", "epoch_seconds", "train_seconds_cum", "epoch_seconds_cum")
-HISTORY_FILE, MODEL_FILE, RESULT_FILE, CHECKPOINT_FILE = "history.csv", "model.pt", "result.json", "checkpoint.pt"
-SPECTRA_FILE, LOCK_FILE = "spectra.csv", "lock"
 #: With ``settings.track_layers``: the number of training images (the first ones, in stored order) whose
 #: features give the ``nc1_*`` columns.
 FEATURE_SAMPLE = 2000
-# read_csv gives back exactly the floats to_csv wrote: pandas >= 3 by default, older ones when asked.
-_EXACT_FLOATS = {} if int(pd.__version__.split(".")[0]) >= 3 else {"float_precision": "round_trip"}
 
 
 class TrainingDivergedError(RuntimeError):
@@ -172,33 +149,11 @@ class TrainingResult:
 # ---------------------------------------------------------------------------------------------
 # Public helpers
 
-def default_results_dir() -> Path:
-    """``$LOWRANK_RESULTS`` if set, else ``./results``."""
-    return Path(os.environ.get(RESULTS_ENV) or "results")
-
-
-def run_dir(config: ModelConfig, results_dir: str | Path | None = None, processes: int | None = None) -> Path:
-    """The folder of ``config``'s run: ``<results_dir>/<name>-<cache key>`` (odd characters of the name -> ``_``).
-
-    A run of ``processes > 1`` (default: those of the current :mod:`lowrank.distributed` group) trains with
-    ``processes * batch_size`` images a step: its folder ends in ``-<processes>proc``.
-    """
-    root = Path(results_dir) if results_dir is not None else default_results_dir()
-    name = re.sub(r"[^A-Za-z0-9._-]+", "_", config.name)
-    processes = distributed.World.current().size if processes is None else processes
-    return root / (f"{name}-{config.cache_key()}" + (f"-{processes}proc" if processes > 1 else ""))
-
-
 def resolve_device(device: str) -> torch.device:
     """``"auto"`` -> cuda if available, else cpu; otherwise ``torch.device(device)``."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(device)
-
-
-def epoch_seed(seed: int, epoch: int) -> int:
-    """The seed of epoch ``epoch``'s batch order: a 63-bit integer from ``numpy.random.SeedSequence((seed, epoch))``."""
-    return int(np.random.SeedSequence((seed, epoch)).generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
 @torch.no_grad()
@@ -227,17 +182,15 @@ def evaluate(model: nn.Module, loader, device: torch.device | str = "cpu") -> tu
 
 def load_result(config: ModelConfig, results_dir: str | Path | None = None) -> TrainingResult | None:
     """The cached result of ``config``, or ``None`` if its run has not finished."""
-    folder = run_dir(config, results_dir)
-    if not all((folder / f).is_file() for f in (RESULT_FILE, HISTORY_FILE, MODEL_FILE)):
+    folder = store.run_dir(config, results_dir)
+    if (run := store.read_run(folder)) is None:
         return None
-    info = json.loads((folder / RESULT_FILE).read_text())
-    history = pd.read_csv(folder / HISTORY_FILE, **_EXACT_FLOATS)
+    info, history, state, spectra = run
     with torch.random.fork_rng(devices=[]), default_dtype(config.settings.dtype):  # building draws an init
         model = NeuralNetwork.from_config(config.layers)
-    model.load_state_dict(torch.load(folder / MODEL_FILE, map_location="cpu", weights_only=True))
+    model.load_state_dict(state)
     _enter_phase(model, config.settings, config.settings.total_epochs)
     model.eval()
-    spectra = pd.read_csv(folder / SPECTRA_FILE, **_EXACT_FLOATS) if (folder / SPECTRA_FILE).is_file() else None
     return _result(config, history, info["test_loss"], info["test_accuracy"], model, folder, cached=True,
                    spectra=spectra)
 
@@ -259,7 +212,7 @@ def train(
 
     Args:
         config: the model and its settings.
-        results_dir: root of the results cache (default :func:`default_results_dir`).
+        results_dir: root of the results cache (default :func:`lowrank.store.default_results_dir`).
         force: train again even if a result or a checkpoint exists (both are replaced).
         progress: show a tqdm bar per epoch (loss, ranks); default: only if stderr is a terminal.
         on_epoch: called with each history row (a dict; epoch 0 included) after its checkpoint is saved.
@@ -270,39 +223,16 @@ def train(
         TrainingDivergedError: the loss became NaN or infinite (the checkpoint of the last good epoch stays).
     """
     world = distributed.World.current()  # this process and the others of a torchrun group (lowrank.distributed)
-    folder = run_dir(config, results_dir)
+    folder = store.run_dir(config, results_dir, world.size)
     if not force and (cached := load_result(config, results_dir)) is not None:
         return cached
     folder.mkdir(parents=True, exist_ok=True)
-    with run_lock(folder, hold=world.main):
+    with store.run_lock(folder, hold=world.main):
         if not force and (cached := load_result(config, results_dir)) is not None:
             return cached  # another process trained it while this one waited for the lock
         if force:
-            (folder / CHECKPOINT_FILE).unlink(missing_ok=True)
+            store.remove_checkpoint(folder)
         return _train(config, folder, world, progress, on_epoch, threads, data_root)
-
-
-@contextmanager
-def run_lock(folder: Path, hold: bool = True):
-    """Hold an exclusive lock on ``folder/lock`` (``flock``) for the block; wait while another process holds it.
-
-    Two processes asked for the same run (two figures sharing a model under ``report --jobs 2``) train it
-    once: the second waits, then reads the first one's result. A block that ends normally has written the
-    result, so the lock file is removed before the lock is released (a process that comes later finds the
-    result first); one that raises leaves it for the next attempt. The lock is released however the block
-    ends, its holder's exit included. ``hold=False`` (the non-writing processes of a torchrun group) takes no lock.
-    """
-    if not hold:
-        yield
-        return
-    path = folder / LOCK_FILE
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-            path.unlink(missing_ok=True)
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _train(
@@ -321,7 +251,7 @@ def _train(
     from lowrank import data  # imported here: the data module is only needed to train
 
     warm_up = settings.warm_start_epochs  # epochs 1..warm_up train the dense twin
-    with _torch_settings(threads, device), default_dtype(settings.dtype):
+    with run_settings(threads, device), default_dtype(settings.dtype):
         torch.manual_seed(settings.seed)
         model = NeuralNetwork.from_config((config.dense_twin() if warm_up else config).layers).to(device)
         splits = data.loaders(settings.dataset, batch_size=settings.batch_size * world.size, seed=settings.seed,
@@ -329,7 +259,7 @@ def _train(
                               dtype=torch.get_default_dtype())
         probe = _feature_sample(splits.train) if settings.track_layers else None
         spectra = [] if settings.track_layers else None
-        checkpoint = _load_checkpoint(folder / CHECKPOINT_FILE, config)
+        checkpoint = store.load_checkpoint(folder, config)
         if checkpoint is not None:
             if warm_up and checkpoint["epoch"] >= warm_up:  # saved after the switch to the factorised network
                 model = _built(config, device)
@@ -340,21 +270,21 @@ def _train(
             optimizer.load_state_dict(checkpoint["optimizer"])
             history = checkpoint["history"]
             spectra = checkpoint.get("spectra") if settings.track_layers else None
-            _set_rng_state(checkpoint["rng"], splits.train)
+            set_rng_state(checkpoint["rng"], splits.train)
         else:
-            _seed_epoch(splits.train, settings.seed, 0)
+            seed_epoch(splits.train, settings.seed, 0)
             history = [_row(model, 0, evaluate(model, splits.train, device), evaluate(model, splits.val, device),
                             0.0, 0.0, None, _phase(settings, 0), probe, spectra)]
-            _save_checkpoint(folder / CHECKPOINT_FILE, config, model, optimizer, history, splits.train, spectra)
+            _save_checkpoint(world, folder, config, model, optimizer, history, splits.train, spectra)
             if on_epoch is not None:
                 on_epoch(dict(history[0]))
 
         for epoch in range(history[-1]["epoch"] + 1, settings.total_epochs + 1):
-            _seed_epoch(splits.train, settings.seed, epoch)
+            seed_epoch(splits.train, settings.seed, epoch)
             _enter_phase(model, settings, epoch)
             bar = tqdm(world.shard(splits.train), desc=f"{config.name} {epoch}/{settings.total_epochs}",
                        disable=not show or not world.main, leave=True, dynamic_ncols=True)
-            trained, train_seconds, epoch_seconds = _train_epoch(model, optimizer, bar, device, config, epoch)
+            trained, train_seconds, epoch_seconds = _train_epoch(world, model, optimizer, bar, device, config, epoch)
             if epoch == warm_up:  # the end of the dense warm-up: factorise, a new optimiser (timed into this epoch)
                 _synchronize(device)
                 start = time.perf_counter()
@@ -369,7 +299,7 @@ def _train(
                 raise TrainingDivergedError(config.name, epoch, None, settings.learning_rate, validated[0])
             history.append(_row(model, epoch, trained, validated, train_seconds, epoch_seconds, history[-1],
                                 _phase(settings, epoch), probe, spectra))
-            _save_checkpoint(folder / CHECKPOINT_FILE, config, model, optimizer, history, splits.train, spectra)
+            _save_checkpoint(world, folder, config, model, optimizer, history, splits.train, spectra)
             if on_epoch is not None:
                 on_epoch(dict(history[-1]))
 
@@ -378,32 +308,24 @@ def _train(
     spectra = pd.DataFrame(spectra, columns=["epoch", "layer", "index", "value"]) if spectra is not None else None
     result = _result(config, pd.DataFrame(history), test_loss, test_accuracy, model, folder, spectra=spectra)
     if world.main:  # one writer; the other processes wait for its files
-        _save_result(result, device, threads)
-        (folder / CHECKPOINT_FILE).unlink(missing_ok=True)
+        _save_result(result, device, threads, world.size)
+        store.remove_checkpoint(folder)
     world.barrier()
     return result
 
 
-@torch.no_grad()
 def warm_start(config: ModelConfig, dense: NeuralNetwork) -> NeuralNetwork:
     """``config``'s network with its factorised layers set from the trained dense twin ``dense`` by SVD.
 
     For a layer of rank ``r`` and the dense weight ``W = P Sigma Q^T``: ``U = P_r``, ``S = Sigma_r``,
     ``V = Q_r`` (``W = U S V^T``), or the balanced ``U = P_r Sigma_r^{1/2}``, ``V = Q_r Sigma_r^{1/2}``
-    (``W = U V^T``); either way ``U S V^T`` is the best rank-``r`` approximation of ``W``. Dense layers and
-    all biases are copied. Returned on the CPU, in training mode; ``dense`` and the caller's RNG are unchanged.
+    (``W = U V^T``); either way ``U S V^T`` is the best rank-``r`` approximation of ``W``
+    (:meth:`lowrank.network.NeuralNetwork.copy_from_dense`). Dense layers and all biases are copied. Returned on
+    the CPU, in training mode; ``dense`` and the caller's RNG are unchanged.
     """
     with torch.random.fork_rng(devices=[]):  # building the network draws an initialisation, overwritten below
         model = _built(config, torch.device("cpu"))
-    for source, layer in zip(dense.layers, model.layers):
-        weight = source.weight.detach().cpu()
-        if isinstance(layer, Dense):
-            layer.weight.copy_(weight)
-        else:
-            layer.approximate_(weight)
-        if layer.bias is not None:
-            layer.bias.copy_(source.bias.detach().cpu())
-    return model.train()
+    return model.copy_from_dense(dense).train()
 
 
 def _phase(settings, epoch: int) -> str:
@@ -432,9 +354,8 @@ def _feature_sample(loader) -> tuple[torch.Tensor, torch.Tensor]:
     return x[:FEATURE_SAMPLE], y[:FEATURE_SAMPLE]
 
 
-def _train_epoch(model, optimizer, batches, device, config: ModelConfig, epoch: int):
+def _train_epoch(world: distributed.World, model, optimizer, batches, device, config: ModelConfig, epoch: int):
     """One pass over the training batches: ``((loss, accuracy) as trained, step seconds, epoch seconds)``."""
-    world = distributed.World.current()
     model.train()
     loss_sum, correct, count, step_seconds = 0.0, 0, 0, 0.0
     lr = config.settings.learning_rate
@@ -526,144 +447,36 @@ def _result(config, history, test_loss, test_accuracy, model, folder, cached=Fal
 
 
 # ---------------------------------------------------------------------------------------------
-# Determinism, RNG and devices
-
-@contextmanager
-def _torch_settings(threads: int, device: torch.device):
-    """Threads and deterministic algorithms for the run; the caller's settings and RNG state come back after."""
-    old_threads = torch.get_num_threads()
-    old_deterministic = torch.are_deterministic_algorithms_enabled()
-    old_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    if device.type == "cuda":
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    try:
-        with torch.random.fork_rng(devices=list(range(torch.cuda.device_count()))):
-            yield
-    finally:
-        torch.set_num_threads(old_threads)
-        torch.use_deterministic_algorithms(old_deterministic, warn_only=old_warn_only)
-
-
-@contextmanager
-def default_dtype(name: str):
-    """``torch.set_default_dtype`` of ``name`` (``"float32"`` / ``"float64"``) for the block, then the old one.
-
-    Every tensor a run creates (initialisation, factors, optimiser state, data) takes this type.
-    """
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(getattr(torch, name))
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(old)
-
+# Devices
 
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def _loader_generators(loader) -> list[torch.Generator]:
-    """Every ``torch.Generator`` of ``loader``, its samplers and their inner samplers (in a fixed order)."""
-    found, owners = [], [loader]
-    while owners:
-        owner = owners.pop(0)
-        generator = getattr(owner, "generator", None)
-        if isinstance(generator, torch.Generator) and all(generator is not g for g in found):
-            found.append(generator)
-        owners += [inner for name in ("sampler", "batch_sampler") if (inner := getattr(owner, name, None)) is not None]
-    return found
-
-
-def _seed_epoch(loader, seed: int, epoch: int) -> None:
-    """Make epoch ``epoch``'s batch order a function of ``(seed, epoch)`` only."""
-    value = epoch_seed(seed, epoch)
-    torch.manual_seed(value)
-    for generator in _loader_generators(loader):
-        generator.manual_seed(value)
-
-
-def _rng_state(loader) -> dict[str, Any]:
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "data": [generator.get_state() for generator in _loader_generators(loader)],
-    }
-
-
-def _set_rng_state(state: dict[str, Any], loader) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    generators = _loader_generators(loader)
-    if len(generators) == len(state["data"]):
-        for generator, value in zip(generators, state["data"]):
-            generator.set_state(value)
-
-
 # ---------------------------------------------------------------------------------------------
-# Files
+# Saving (lowrank.store)
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """``write(temporary path)`` then ``os.replace`` it onto ``path``: readers see the old or the new file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _cpu_state(module_or_optimizer) -> dict:
-    """A ``state_dict`` with every tensor moved to the CPU (checkpoints then load on any machine)."""
-    def move(value):
-        if isinstance(value, torch.Tensor):
-            return value.detach().cpu()
-        if isinstance(value, dict):
-            return {k: move(v) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return type(value)(move(v) for v in value)
-        return value
-
-    return move(module_or_optimizer.state_dict())
-
-
-def _save_checkpoint(path: Path, config: ModelConfig, model, optimizer, history: list[dict], loader,
-                     spectra: list | None = None) -> None:
-    if not distributed.World.current().main:  # one writer (lowrank.distributed)
+def _save_checkpoint(world: distributed.World, folder: Path, config: ModelConfig, model, optimizer,
+                     history: list[dict], loader, spectra: list | None = None) -> None:
+    """The state after the last finished epoch: model, optimiser, history, RNG states (and spectra)."""
+    if not world.main:  # one writer (lowrank.distributed)
         return
     checkpoint = {
         "config": config.to_dict(),
         "epoch": history[-1]["epoch"],
-        "model": _cpu_state(model),
-        "optimizer": _cpu_state(optimizer),
+        "model": store.cpu_state(model),
+        "optimizer": store.cpu_state(optimizer),
         "history": history,
-        "rng": _rng_state(loader),
+        "rng": rng_state(loader),
     }
     if spectra is not None:
         checkpoint["spectra"] = spectra
-    _atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
+    store.save_checkpoint(folder, checkpoint)
 
 
-def _load_checkpoint(path: Path, config: ModelConfig) -> dict | None:
-    """The checkpoint at ``path`` if it exists and belongs to ``config``; a broken one is skipped with a warning."""
-    if not path.is_file():
-        return None
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # a checkpoint is a cache: never let a broken one stop training
-        warnings.warn(f"ignoring the unreadable checkpoint {path} ({error}); training from the start", stacklevel=3)
-        return None
-    if checkpoint.get("config") != config.to_dict():
-        warnings.warn(f"ignoring the checkpoint {path} of a different config; training from the start", stacklevel=3)
-        return None
-    return checkpoint
-
-
-def _save_result(result: TrainingResult, device: torch.device, threads: int) -> None:
-    folder, config = result.path, result.config
+def _save_result(result: TrainingResult, device: torch.device, threads: int, processes: int) -> None:
+    config = result.config
     info = {
         "name": config.name,
         "cache_key": config.cache_key(),
@@ -676,12 +489,7 @@ def _save_result(result: TrainingResult, device: torch.device, threads: int) -> 
         "torch_version": torch.__version__,
         "device": str(device),
         "threads": threads,
-        "processes": distributed.World.current().size,
+        "processes": processes,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    state = {k: v.detach().cpu() for k, v in result.model.state_dict().items()}
-    _atomic_write(folder / MODEL_FILE, lambda tmp: torch.save(state, tmp))
-    _atomic_write(folder / HISTORY_FILE, lambda tmp: result.history.to_csv(tmp, index=False))
-    if result.spectra is not None:
-        _atomic_write(folder / SPECTRA_FILE, lambda tmp: result.spectra.to_csv(tmp, index=False))
-    _atomic_write(folder / RESULT_FILE, lambda tmp: tmp.write_text(json.dumps(info, indent=2) + "\n"))
+    store.save_run(result.path, info, result.model.state_dict(), result.history, result.spectra)

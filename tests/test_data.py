@@ -259,27 +259,6 @@ def test_cache_dir_is_lowrank_data_or_home_cache(monkeypatch, tmp_path):
     assert data.cache_dir() == tmp_path / ".cache" / "lowrank"
 
 
-def test_atomic_write_leaves_no_partial_file_when_writing_fails(tmp_path):
-    target = tmp_path / "mnist.npz"
-    with pytest.raises(RuntimeError, match="interrupted"):
-        with data.atomic_write(target) as file:
-            file.write(b"half of it")
-            raise RuntimeError("interrupted")
-    assert list(tmp_path.iterdir()) == []
-
-    target.write_bytes(b"old")
-    with pytest.raises(KeyboardInterrupt):
-        with data.atomic_write(target) as file:
-            file.write(b"new but incomplete")
-            raise KeyboardInterrupt
-    assert list(tmp_path.iterdir()) == [target] and target.read_bytes() == b"old"
-
-    with data.atomic_write(target) as file:
-        file.write(b"new")
-    assert list(tmp_path.iterdir()) == [target] and target.read_bytes() == b"new"
-    assert target.stat().st_mode & 0o777 == 0o644
-
-
 def test_interrupted_prepare_leaves_no_cache_file(tmp_path, monkeypatch):
     monkeypatch.setenv("LOWRANK_DATA", str(tmp_path))
     monkeypatch.setitem(data._SOURCES, "mnist", (("zeros", full_size_zeros),))

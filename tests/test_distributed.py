@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from lowrank import config, data, distributed, training
+from lowrank import config, data, distributed, store, training
 
 torch.set_num_threads(1)
 
@@ -131,9 +131,9 @@ def test_torchrun_cli_trains_once_and_caches_under_its_own_name(two_processes, s
     done = torchrun("-m", "lowrank", "train", "study.toml", "--model", "kls", "--out", "cli", cwd=folder)
     assert done.stdout.count("test_accuracy") == 1  # only rank 0 prints
     model = next(m for m in models.models if m.name == "kls")
-    path = training.run_dir(model, folder / "cli", processes=2)
+    path = store.run_dir(model, folder / "cli", processes=2)
     assert path.name == f"kls-{model.cache_key()}-2proc"  # not the 1-process run of this config
-    assert training.run_dir(model, folder / "cli") != path
+    assert store.run_dir(model, folder / "cli") != path
     assert {p.name for p in path.iterdir()} == {"history.csv", "model.pt", "result.json"}
     assert json.loads((path / "result.json").read_text())["processes"] == 2
     saved = torch.load(path / "model.pt", weights_only=True)

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from lowrank import config, data, metrics, training
+from lowrank import config, data, metrics, store, training
 from lowrank.network import effective_weight
 
 torch.set_num_threads(1)
@@ -98,7 +98,7 @@ def test_history_columns_and_result_files(tmp_path):
     assert history.parameters.iloc[-1] == metrics.parameter_count(result.model)
     assert history.attrs["test_accuracy"] == result.test_accuracy
 
-    assert result.path == training.run_dir(result.config, tmp_path)
+    assert result.path == store.run_dir(result.config, tmp_path)
     assert result.path.name == f"dynamical-{result.config.cache_key()}"
     assert {p.name for p in result.path.iterdir()} == {"history.csv", "model.pt", "result.json"}
     info = json.loads((result.path / "result.json").read_text())
@@ -117,7 +117,7 @@ def test_resumed_run_has_the_history_of_an_uninterrupted_run(tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         training.train(cfg, tmp_path / "b", on_epoch=interrupt)
-    assert (training.run_dir(cfg, tmp_path / "b") / "checkpoint.pt").is_file()
+    assert (store.run_dir(cfg, tmp_path / "b") / "checkpoint.pt").is_file()
 
     epochs_seen = []
     resumed = training.train(cfg, tmp_path / "b", on_epoch=lambda row: epochs_seen.append(row["epoch"]))
@@ -174,7 +174,7 @@ def test_two_processes_asked_for_the_same_run_train_it_once(tmp_path):
     (first_cached, first_accuracy), (second_cached, second_accuracy) = results
     assert (first_cached, second_cached) == (False, True)  # one trained, the other waited and read its result
     assert first_accuracy == second_accuracy
-    assert not (training.run_dir(cfg, tmp_path) / training.CHECKPOINT_FILE).exists()
+    assert not (store.run_dir(cfg, tmp_path) / store.CHECKPOINT_FILE).exists()
 
 
 def test_poisoned_batch_raises_a_clear_divergence_error(tmp_path, monkeypatch):
@@ -199,7 +199,7 @@ def test_huge_learning_rate_raises_a_divergence_error(tmp_path):
     message = r'model "huge-lr" diverged in epoch 1, .*learning_rate = 1e\+12; try a smaller learning_rate'
     with pytest.raises(training.TrainingDivergedError, match=message):
         training.train(cfg, tmp_path)
-    assert not (training.run_dir(cfg, tmp_path) / "result.json").exists()
+    assert not (store.run_dir(cfg, tmp_path) / "result.json").exists()
 
 
 # ---------------------------------------------------------------------------------------------
