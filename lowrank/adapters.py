@@ -47,9 +47,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lowrank import config as cfg
-from lowrank.layers import Dense, dense_product, random_orthonormal, skinny_mm
-from lowrank.network import ACTIVATIONS, NeuralNetwork
 from lowrank.determinism import default_dtype, torch_threads
+from lowrank.layers import Dense, dense_product, random_orthonormal, skinny_mm
+from lowrank.metrics import model_accuracy
+from lowrank.network import ACTIVATIONS, NeuralNetwork
 
 SHIFTS = ("permuted-labels", "fashion-mnist")
 KIND = "adapters"
@@ -273,13 +274,6 @@ def label_shift_correction(weight: Tensor) -> Tensor:
     ``z P``, ``(z P)_j = z_{j - 1 mod C}``, the exact fix for labels shifted by one (``"permuted-labels"``)."""
     shift = torch.roll(torch.eye(weight.shape[1], dtype=weight.dtype), 1, dims=1)
     return weight @ shift - weight
-
-
-@torch.no_grad()
-def accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
-    """Fraction of images whose largest logit is the label."""
-    model.eval()
-    return float((model(x).argmax(1) == y).float().mean())
 
 
 @torch.no_grad()
@@ -573,13 +567,13 @@ def run_experiment(experiment: Experiment, results_dir: str | Path | None = None
         task = shifted_task(experiment.shift, experiment.train_images, experiment.seed)
         base = pretrained.model
         accuracies = {"pretraining task": float(pretrained.test_accuracy),
-                      "shifted task": accuracy(base, task.test_x, task.test_y)}
+                      "shifted task": model_accuracy(base, task.test_x, task.test_y)}
         exact_fix = None
         if experiment.shift == "permuted-labels":
             exact_fix = torch.linalg.svdvals(label_shift_correction(base.layers[-1].weight.detach().double()))
 
         def record(name: str, layer_ranks: list[int], models: list[nn.Module]) -> None:
-            scores = [accuracy(model, task.test_x, task.test_y) for model in models]
+            scores = [model_accuracy(model, task.test_x, task.test_y) for model in models]
             rows.append(dict(model=name, ranks=layer_ranks, total_rank=sum(layer_ranks),
                              parameters=sum(r * (n + k + 1) for r, (n, k) in zip(layer_ranks, dims)),
                              test_accuracy=float(np.mean(scores)), accuracy_min=min(scores),

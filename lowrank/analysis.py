@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from lowrank import metrics
-from lowrank.layers import Dense, DynamicalLowRank, LowRank
+from lowrank.layers import Dense
 from lowrank.linalg import truncated_svd
 from lowrank.network import NeuralNetwork, effective_weight
 
@@ -103,20 +103,7 @@ def truncated_network(model: NeuralNetwork, ranks: Sequence[int]) -> NeuralNetwo
 
 def epsilon_ranks(model: nn.Module, eps: float = metrics.EPSILON_RANK_TOL, relative_to: str = "frobenius") -> list[int]:
     """:func:`lowrank.metrics.epsilon_rank` of every affine layer's ``W`` (default: ``sigma_i / ||W||_F > eps``)."""
-    return [metrics.epsilon_rank(metrics.layer_singular_values(layer), eps, relative_to) for layer in _affine(model)]
-
-
-@torch.no_grad()
-def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 10_000) -> float:
-    """Fraction of the images ``x`` whose largest logit is the label ``y``, in eval mode (in batches).
-
-    ``x`` is converted to the floating-point type of ``model``'s parameters first.
-    """
-    model.eval()
-    x = x.to(next(model.parameters()).dtype)
-    correct = sum(int((model(x[i:i + batch_size]).argmax(-1) == y[i:i + batch_size]).sum())
-                  for i in range(0, len(y), batch_size))
-    return correct / len(y)
+    return [metrics.epsilon_rank(metrics.layer_singular_values(layer), eps, relative_to) for layer in metrics.affine_layers(model)]
 
 
 def truncation_table(model: NeuralNetwork, x: Tensor, y: Tensor, tolerances: Sequence[float],
@@ -129,17 +116,14 @@ def truncation_table(model: NeuralNetwork, x: Tensor, y: Tensor, tolerances: Seq
     """
     import pandas as pd
 
-    full = accuracy(model, x, y)
+    full = metrics.model_accuracy(model, x, y)
     dims = [(layer.in_features, layer.out_features) for layer in model.layers]
     rows = []
     for eps in tolerances:
         ranks = epsilon_ranks(model, eps, relative_to)
-        truncated = accuracy(truncated_network(model, ranks), x, y)
+        truncated = metrics.model_accuracy(truncated_network(model, ranks), x, y)
         factors = sum(r * (n + m) for r, (n, m) in zip(ranks, dims)) / sum(n * m for n, m in dims)
         rows.append({"eps": eps, **{f"rank_{i}": r for i, r in enumerate(ranks)}, "factor_fraction": factors,
                      "accuracy": truncated, "accuracy_lost": full - truncated})
     return pd.DataFrame(rows)
 
-
-def _affine(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if isinstance(m, (Dense, LowRank, DynamicalLowRank))]

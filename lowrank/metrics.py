@@ -43,6 +43,11 @@ EPSILON_RANK_TOL = 1e-3
 RELATIVE_TO = ("max", "frobenius")
 
 
+def correct_predictions(logits: Tensor, labels: Tensor) -> int:
+    """``#{i : argmax_k z_ik = y_i}`` for logits ``(B, C)`` and class indices ``(B,)``."""
+    return int((logits.argmax(dim=-1) == labels).sum())
+
+
 def accuracy(logits: Tensor, labels: Tensor) -> float:
     """Fraction of rows whose largest logit is the label: ``mean_i [argmax_k z_ik = y_i]``.
 
@@ -50,7 +55,20 @@ def accuracy(logits: Tensor, labels: Tensor) -> float:
     """
     if labels.numel() == 0:
         return 0.0
-    return (logits.argmax(dim=-1) == labels).float().mean().item()
+    return correct_predictions(logits, labels) / labels.numel()
+
+
+@torch.no_grad()
+def model_accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 10_000) -> float:
+    """:func:`accuracy` of ``model`` on the images ``x`` with labels ``y``, in eval mode, ``batch_size`` at a time.
+
+    ``x`` is converted to the floating-point type of ``model``'s parameters first.
+    """
+    model.eval()
+    x = x.to(next(model.parameters()).dtype)
+    correct = sum(correct_predictions(model(x[i:i + batch_size]), y[i:i + batch_size])
+                  for i in range(0, len(y), batch_size))
+    return correct / len(y)
 
 
 def parameter_count(module: nn.Module) -> int:
@@ -58,7 +76,8 @@ def parameter_count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
-def _affine_layers(model: nn.Module) -> list[nn.Module]:
+def affine_layers(model: nn.Module) -> list[nn.Module]:
+    """The :class:`Dense`, :class:`LowRank` and :class:`DynamicalLowRank` layers of ``model``, in module order."""
     return [m for m in model.modules() if isinstance(m, (Dense, LowRank, DynamicalLowRank))]
 
 
@@ -71,7 +90,7 @@ def dense_parameter_count(model: nn.Module) -> int:
 
     Each layer is replaced by a dense one of the same dims; the bias term counts where the layer has one.
     """
-    return sum(layer.in_features * layer.out_features + _bias(layer) for layer in _affine_layers(model))
+    return sum(layer.in_features * layer.out_features + _bias(layer) for layer in affine_layers(model))
 
 
 def compression(model: nn.Module) -> float:
@@ -98,7 +117,7 @@ def layer_flops(layer: nn.Module) -> int:
 
 def flops_per_sample(model: nn.Module) -> int:
     """FLOPs of one sample's forward pass through every layer at the current ranks (``sum`` of :func:`layer_flops`)."""
-    return sum(layer_flops(layer) for layer in _affine_layers(model))
+    return sum(layer_flops(layer) for layer in affine_layers(model))
 
 
 def singular_values(weight: Tensor) -> Tensor:
@@ -159,7 +178,7 @@ def layer_spectra(model: nn.Module) -> "pd.DataFrame":
 
     rows = [
         (i, k, value)
-        for i, layer in enumerate(_affine_layers(model))
+        for i, layer in enumerate(affine_layers(model))
         for k, value in enumerate(singular_values(effective_weight(layer)).tolist())
     ]
     return pd.DataFrame(rows, columns=["layer", "index", "singular_value"])

@@ -390,7 +390,7 @@ def _train_epoch(world: distributed.World, model, optimizer, batches, device, co
         step_seconds += time.perf_counter() - step_start
 
         loss_sum += loss * len(y)
-        correct += int((first_logits[0].argmax(dim=-1) == y).sum())
+        correct += metrics.correct_predictions(first_logits[0], y)
         count += len(y)
         if not getattr(batches, "disable", True):
             batches.set_postfix(loss=f"{loss:.4f}", ranks=",".join(map(str, model.ranks())), refresh=False)

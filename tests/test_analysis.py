@@ -100,7 +100,7 @@ def test_truncation_table_loses_nothing_at_a_tiny_tolerance():
     assert list(table.columns) == ["eps", "rank_0", "rank_1", "factor_fraction", "accuracy", "accuracy_lost"]
     assert table.loc[0, ["rank_0", "rank_1"]].tolist() == [5, 3]
     assert table.loc[0, "accuracy_lost"] == 0.0
-    assert table.loc[0, "accuracy"] == analysis.accuracy(model, x, y)
+    assert table.loc[0, "accuracy"] == metrics.model_accuracy(model, x, y)
     assert table.loc[1, ["rank_0", "rank_1"]].tolist() == [0, 0]  # no sigma_i / ||W||_F above 0.99
     assert table.loc[0, "factor_fraction"] == pytest.approx((5 * 11 + 3 * 8) / (30 + 15))
     assert math.isclose(table.loc[1, "factor_fraction"], 0.0)

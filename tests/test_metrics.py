@@ -26,6 +26,19 @@ def test_accuracy_counts_argmax_hits():
     assert metrics.accuracy(torch.empty(0, 2), torch.empty(0, dtype=torch.long)) == 0.0
 
 
+def test_model_accuracy_is_the_accuracy_of_the_logits_in_any_batch_size_and_dtype():
+    model = small_model()
+    generator = torch.Generator().manual_seed(0)
+    x, y = torch.rand(50, 784, generator=generator), torch.randint(0, 10, (50,), generator=generator)
+    model.train()
+    expected = metrics.accuracy(model.eval()(x), y)
+    model.train()
+    assert metrics.model_accuracy(model, x, y) == pytest.approx(expected, abs=1e-12)
+    assert not model.training  # measured in eval mode
+    assert metrics.model_accuracy(model, x, y, batch_size=7) == pytest.approx(expected, abs=1e-12)
+    assert metrics.model_accuracy(model, x.double(), y) == pytest.approx(expected, abs=1e-12)  # cast to float32
+
+
 def test_parameter_counts_match_hand_formulas():
     model = small_model()
     dense = 784 * 20 + 20
