@@ -158,6 +158,11 @@ def seed_statistics(members) -> dict:
             "seconds": sum(float(last["train_seconds_cum"]) for last in lasts) / len(lasts)}
 
 
+def seed_ranks_text(stats: dict) -> str:
+    """Each seed's final hidden ranks of :func:`seed_statistics`, as the book prints them: ``"[47, 50] and [48, 50]"``."""
+    return " and ".join(str(ranks) for ranks in stats["ranks"])
+
+
 def ranks_differ(first: dict, second: dict) -> bool:
     """Whether two models' final ranks differ beyond their seeds: in some hidden layer, the ranges of the seeds'
     ranks (``seed_statistics(...)["ranks"]``) do not overlap."""
@@ -186,7 +191,7 @@ def glue_seed_results(prefix: str, results) -> None:
         key, stats = f"{prefix}_{slug(name)}", seed_statistics(members)
         glue(f"{key}_test_accuracy", round(stats["test_accuracy"], 2), display=False)
         glue(f"{key}_spread", round(stats["spread"], 2), display=False)
-        glue(f"{key}_ranks", Text(" and ".join(str(ranks) for ranks in stats["ranks"])), display=False)
+        glue(f"{key}_ranks", Text(seed_ranks_text(stats)), display=False)
         glue(f"{key}_compression", round(stats["compression"], 1), display=False)
         glue(f"{key}_seconds", Seconds(stats["seconds"]), display=False)
         glue_rank_limits(key, members[0])
@@ -237,7 +242,7 @@ def basis_interval_table(stats: dict[str, dict], models: dict[int, str], dense: 
         below = reference["test_accuracy"] - model["test_accuracy"]
         rows.append({
             "k": k, "test accuracy (%)": round(model["test_accuracy"], 2), "spread": round(model["spread"], 2),
-            "ranks": " and ".join(str(ranks) for ranks in model["ranks"]),
+            "ranks": seed_ranks_text(model),
             "train s": str(Seconds(model["seconds"])),
             "vs k=1": compare((model["test_accuracy"], model["spread"]), (baseline["test_accuracy"], baseline["spread"])),
             "ranks vs k=1": "differ" if ranks_differ(model, baseline) else "do not differ",
