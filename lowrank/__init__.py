@@ -1,6 +1,6 @@
 """lowrank: dense, vanilla low-rank and dynamical low-rank (DLRT) layers for PyTorch.
 
-The layers and optimisers are imported lazily, so ``lowrank.config`` (and ``python -m lowrank --help``)
+The layers and optimisers are imported lazily, so ``lowrank.engine.config`` (and ``python -m lowrank --help``)
 load without torch.
 """
 
@@ -13,7 +13,7 @@ _EXPORTS = {
     "DLRT": "lowrank.optim",
     "build_optimizer": "lowrank.optim",
     "NeuralNetwork": "lowrank.network",
-    "train": "lowrank.training",
+    "train": "lowrank.engine.training",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -53,12 +53,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from lowrank.choices import DENSE_INITS, DYNAMICAL_INIT_SCALE, FACTORIZATIONS, INITS
 from lowrank.linalg import truncated_svd
-
-INITS = ("kaiming", "kaiming-flat", "normal", "spectral", "spectral-ones")
-# The default init_scale of DynamicalLowRank: W starts at 20 % of the Kaiming scale (module docstring).
-DYNAMICAL_INIT_SCALE = 0.2
-FACTORIZATIONS = ("usv", "uv")
 
 
 def _check_init(init: str, init_scale: float, allowed: tuple[str, ...] = INITS) -> None:
@@ -327,7 +323,7 @@ class Dense(_Affine):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, init: str = "kaiming",
                  init_scale: float = 1.0) -> None:
-        _check_init(init, init_scale, ("kaiming", "normal"))
+        _check_init(init, init_scale, DENSE_INITS)
         super().__init__(in_features, out_features, bias, init, init_scale)
         self.weight = nn.Parameter(torch.empty(in_features, out_features))
         self.reset_parameters()

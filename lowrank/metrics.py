@@ -1,4 +1,4 @@
-"""Metrics of a network and of its weight matrices: accuracy, sizes, cost, spectra.
+"""Metrics of a network, of its weight matrices and of its features: accuracy, sizes, cost, spectra, NC1.
 
 For a layer ``z = x W + b`` with ``W`` in ``R^{n_in x n_out}`` (see :mod:`lowrank.layers`):
 
@@ -23,6 +23,23 @@ Spectra: ``sigma_1 >= sigma_2 >= ... >= 0`` are the singular values of ``W``;
 :func:`layer_singular_values` gets the singular values of a factorised layer without forming ``W``: with
 ``U = Q_U R_U`` and ``V = Q_V R_V`` (thin QR), ``W = Q_U (R_U S R_V^T) Q_V^T`` and ``Q_U``, ``Q_V`` have
 orthonormal columns, so ``W`` has the singular values of the ``r x r`` matrix ``R_U S R_V^T``.
+
+Within-class variability (neural collapse, Papyan, Han & Donoho 2020). For features ``h_i`` in ``R^d`` of
+``N`` samples with labels ``y_i`` in ``C`` classes, class means ``mu_c`` (over the ``N_c`` samples of class
+``c``) and their mean ``mu = (1/C) sum_c mu_c``::
+
+    Sigma_W = (1/N) sum_i (h_i - mu_{y_i}) (h_i - mu_{y_i})^T          within-class covariance
+    Sigma_B = (1/C) sum_c (mu_c - mu) (mu_c - mu)^T                    between-class covariance
+    NC1     = (1/C) tr(Sigma_W Sigma_B^+)                              (^+: Moore-Penrose pseudo-inverse)
+
+NC1 measures the spread of each class around its mean in units of the distances between the means; it
+tends to 0 as the features of each class collapse to their mean. ``Sigma_B = M M^T / C`` with the
+``d x C`` matrix ``M = [mu_c - mu]`` (rank ``<= C - 1``), so ``Sigma_B^+ = C (M^+)^T M^+`` and
+
+    NC1 = (1/N) ||M^+ (H - mu_Y)^T||_F^2
+
+(``H - mu_Y``: each row ``h_i - mu_{y_i}``): a ``C x d`` pseudo-inverse and ``C x N`` products, never a
+``d x d`` matrix. Directions of ``M`` whose singular value is below ``1e-6`` times the largest count as null.
 """
 
 from __future__ import annotations
@@ -41,6 +58,8 @@ if TYPE_CHECKING:
 #: Tolerance of the training history's epsilon-ranks ``epsrank_*``: singular values of ``W / ||W||_F`` above it.
 EPSILON_RANK_TOL = 1e-3
 RELATIVE_TO = ("max", "frobenius")
+#: Singular values of the class-mean matrix ``M`` below this times the largest are treated as zero in ``M^+``.
+PINV_RTOL = 1e-6
 
 
 def correct_predictions(logits: Tensor, labels: Tensor) -> int:
@@ -182,3 +201,21 @@ def layer_spectra(model: nn.Module) -> "pd.DataFrame":
         for k, value in enumerate(singular_values(effective_weight(layer)).tolist())
     ]
     return pd.DataFrame(rows, columns=["layer", "index", "singular_value"])
+
+
+def nc1(features: Tensor, labels: Tensor) -> float:
+    """Within-class variability ``(1/C) tr(Sigma_W Sigma_B^+)`` of ``features`` ``(N, d)`` (module docstring).
+
+    ``labels`` ``(N,)`` are class indices; classes without a sample are left out (``C`` counts the others).
+    Needs two classes or more. Computed in float64.
+    """
+    h = features.detach().to("cpu", torch.float64).flatten(1)
+    present, y = torch.unique(labels.detach().cpu(), return_inverse=True)  # y: 0..C-1
+    if len(present) < 2:
+        raise ValueError(f"NC1 needs samples of two classes or more, got classes {present.tolist()}")
+    counts = torch.bincount(y).to(torch.float64)
+    means = torch.zeros(len(present), h.shape[1], dtype=torch.float64).index_add_(0, y, h) / counts[:, None]
+    centred_means = means - means.mean(0)  # rows mu_c - mu: M^T
+    pinv = torch.linalg.pinv(centred_means.T, rtol=PINV_RTOL)  # M^+, (C, d)
+    projected = pinv @ h.T - (pinv @ means.T)[:, y]  # M^+ (h_i - mu_{y_i}) for every i, (C, N)
+    return float(projected.square().sum() / len(y))

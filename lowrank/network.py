@@ -7,14 +7,15 @@ and the loss is the cross-entropy of ``softmax(Z_L)``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from lowrank.layers import Dense, DynamicalLowRank, LowRank
 
-ACTIVATIONS: dict[str, type[nn.Module]] = {
+#: The module of each name in :data:`lowrank.choices.ACTIVATIONS`.
+ACTIVATION_MODULES: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
     "identity": nn.Identity,
     "tanh": nn.Tanh,
@@ -23,7 +24,7 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
 
 
 def build_layer(spec) -> nn.Module:
-    """One layer from a :class:`lowrank.config.LayerConfig` (``type``, ``dims`` and its type's options)."""
+    """One layer from a :class:`lowrank.engine.config.LayerConfig` (``type``, ``dims`` and its type's options)."""
     in_features, out_features = spec.dims
     if spec.type == "dense":
         return Dense(in_features, out_features, bias=spec.bias, init=spec.init, init_scale=spec.init_scale)
@@ -52,18 +53,36 @@ class NeuralNetwork(nn.Module):
         if len(layers) != len(activations):
             raise ValueError(f"{len(layers)} layers but {len(activations)} activations")
         self.layers = nn.ModuleList(layers)
-        self.activations = nn.ModuleList(ACTIVATIONS[name]() for name in activations)
+        self.activations = nn.ModuleList(ACTIVATION_MODULES[name]() for name in activations)
 
     @classmethod
     def from_config(cls, layer_specs: Sequence) -> "NeuralNetwork":
-        """Build from :class:`lowrank.config.LayerConfig` entries (e.g. ``ModelConfig.layers``)."""
+        """Build from :class:`lowrank.engine.config.LayerConfig` entries (e.g. ``ModelConfig.layers``)."""
         return cls([build_layer(spec) for spec in layer_specs], [spec.activation for spec in layer_specs])
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, start: int = 0) -> Tensor:
+        """The logits ``A_L`` of ``x``; with ``start = l``, ``x`` is the input ``A_l`` of layer ``l`` (0-based) and
+        only layers ``l, l+1, ...`` are applied."""
+        *_, logits = self._propagate(x, start)
+        return logits
+
+    @torch.no_grad()
+    def layer_inputs(self, x: Tensor) -> list[Tensor]:
+        """The input ``A_l`` of every layer ``l`` for the batch ``x`` (``A_0`` = the flattened images), in eval
+        mode: one ``(B, n_in)`` tensor per layer. The training mode is restored."""
+        was_training = self.training
+        self.eval()
+        *inputs, _ = self._propagate(x)
+        self.train(was_training)
+        return inputs
+
+    def _propagate(self, x: Tensor, start: int = 0) -> Iterator[Tensor]:
+        """``A_start, ..., A_L`` with ``A_0 = x.flatten(1)`` and ``A_{l+1} = sigma_l(layer_l(A_l))``."""
         a = x.flatten(1)
-        for layer, activation in zip(self.layers, self.activations):
+        for layer, activation in zip(self.layers[start:], self.activations[start:]):
+            yield a
             a = activation(layer(a))
-        return a
+        yield a
 
     def dynamical_layers(self) -> list[DynamicalLowRank]:
         return [layer for layer in self.layers if isinstance(layer, DynamicalLowRank)]

@@ -60,7 +60,7 @@ change of basis), one ``2r x 2r`` decomposition (:func:`truncate`: the eigendeco
 in float64 for float32 training, an SVD otherwise), and for the single-pass integrator ``X Q_U`` and
 ``Delta Q_V`` (``B n r`` each). The Adam directions of all factors are computed by one fused kernel call.
 With ``basis_interval = k`` this work is done on every ``k``-th step only. ``python -m lowrank benchmark``
-(:mod:`lowrank.benchmark`) measures the step against a dense network.
+(:mod:`lowrank.engine.experiments.benchmark`) measures the step against a dense network.
 """
 
 from __future__ import annotations
@@ -73,12 +73,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lowrank.choices import BASIS_STATES, INTEGRATORS, OPTIMIZERS
 from lowrank.layers import DynamicalLowRank
 from lowrank.torch_compat import adam_directions, momentum_update_
 
-METHODS = ("sgd", "adam")
-INTEGRATORS = ("kls", "single-pass")
-BASIS_STATES = ("project", "reset")
 # Rank-adaptive steps check (and restore) the orthonormality of U and V every this many steps; the drift of
 # a step is ~2-3 eps in float32, so between checks U^T U - I stays below ~30 eps.
 ORTHONORMALITY_CHECK_INTERVAL = 4
@@ -328,7 +326,7 @@ class DLRT(torch.optim.Optimizer):
     the first call. With ``"single-pass"`` the closure may be omitted if ``backward()`` was already called.
 
     ``gradient_average``: ``None``, or a callable that averages a list of tensors over processes in place, applied
-    to the single-pass S-gradients (:mod:`lowrank.distributed`; the closure averages the other gradients).
+    to the single-pass S-gradients (:mod:`lowrank.engine.distributed`; the closure averages the other gradients).
     """
 
     def __init__(
@@ -346,8 +344,8 @@ class DLRT(torch.optim.Optimizer):
     ) -> None:
         if not lr > 0.0:
             raise ValueError(f"Invalid learning rate: {lr}")
-        if method not in METHODS:
-            raise ValueError(f"Invalid method: {method!r}; allowed: {METHODS}")
+        if method not in OPTIMIZERS:
+            raise ValueError(f"Invalid method: {method!r}; allowed: {OPTIMIZERS}")
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"Invalid momentum value: {momentum}")
         if not all(0.0 <= beta < 1.0 for beta in betas):
@@ -369,7 +367,7 @@ class DLRT(torch.optim.Optimizer):
         self.basis_state = basis_state
         self.basis_interval = basis_interval
         self._steps = 0  # saved in state_dict: which steps update the bases depends on it
-        # Averages a list of tensors over processes, in place; set by lowrank.distributed.World.prepare.
+        # Averages a list of tensors over processes, in place; set by lowrank.engine.distributed.World.prepare.
         self.gradient_average: Callable[[list[Tensor]], None] | None = None
         for layer in self.layers:
             layer.sink.record_activations = integrator == "single-pass"
@@ -596,7 +594,7 @@ class Optimizers:
 
 
 def build_optimizer(model: nn.Module, settings: Any) -> Optimizers:
-    """The optimisers for ``model`` from a :class:`lowrank.config.Settings`-like object.
+    """The optimisers for ``model`` from a :class:`lowrank.engine.config.Settings`-like object.
 
     Uses ``settings.learning_rate``, ``optimizer`` (``"sgd"`` / ``"adam"``), ``momentum``,
     ``weight_decay``, ``integrator``, ``basis_state`` and ``basis_interval``.

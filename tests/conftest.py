@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from lowrank import data
+from lowrank.engine import data
 
 torch.set_num_threads(1)
 

@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lowrank import adapters as ad
-from lowrank import report
-from lowrank.config import ConfigError
+from lowrank.engine.experiments import adapters as ad
+from lowrank.engine import report
+from lowrank.engine.config import ConfigError
 from lowrank.layers import Dense
 from lowrank.network import NeuralNetwork
 
@@ -197,9 +197,9 @@ def test_permuted_labels_shift_every_label_by_one(mnist_arrays):
 def test_the_figure_config_loads_and_its_quick_run_is_smaller():
     full, quick = ad.load_experiment(CONFIG), ad.load_experiment(CONFIG, quick=True)
     assert full.caps == [32, 32, 10]
-    assert quick.train_images < full.train_images and quick.outer_steps < full.outer_steps
+    assert quick.train_images < full.train_images and quick.bilevel.outer_steps < full.bilevel.outer_steps
     assert quick.pretrain.settings.subset == 1000 and quick.pretrain.name == "pretrained"
-    assert isinstance(report.validate(CONFIG), ad.Experiment)
+    assert isinstance(report.validate(CONFIG), ad.AdapterExperiment)
 
 
 PRETRAIN = """
@@ -216,8 +216,8 @@ activation = "identity"
 
 @pytest.mark.parametrize("extra, message", [
     ('[adaptation]\nshift = "rotated"', r'adaptation\.shift = .* allowed: "permuted-labels" \| "fashion-mnist"'),
-    ("[bilevel]\nfw_step = 1.5", r"bilevel\.fw_step = 1\.5 is not allowed; allowed: a number > 0 and <= 1"),
-    ("[bilevel]\nsteps = 3", r"bilevel\.steps is not a key of \[bilevel\]; allowed: tau"),
+    ("[bilevel]\nfw_step = 1.5", r"bilevel\.fw_step = 1\.5 is too large; allowed: a number > 0 and <= 1"),
+    ("[bilevel]\nsteps = 3", r"bilevel\.steps is not a key of \[bilevel\].*; allowed keys: tau, outer_steps"),
     ("[adaptation]\noracle_ranks = [0, 11]", r"adaptation\.oracle_ranks = \[0, 11\] needs one rank per layer"),
 ])
 def test_config_errors_name_the_file_the_key_and_the_allowed_values(tmp_path, extra, message):

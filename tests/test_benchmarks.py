@@ -1,4 +1,4 @@
-"""The step benchmark (lowrank.benchmark) runs end to end on a tiny grid and reports every variant against
+"""The step benchmark (lowrank.engine.experiments.benchmark) runs end to end on a tiny grid and reports every variant against
 dense; its TOML files (figure kind "step-benchmark") are validated with errors that name the key.
 
 No timing is asserted: only what does not depend on the machine (parameters, FLOPs, the rows and columns).
@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lowrank import benchmark, report
-from lowrank.config import ConfigError
+from lowrank.engine import report
+from lowrank.engine.experiments import benchmark
+from lowrank.engine.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "notebooks" / "configs" / "fig_n.toml"
@@ -68,7 +69,7 @@ def test_the_command_line_builds_the_experiment():
     experiment, out = benchmark.parse_args(["--full", "--ranks", "7", "--no-memory", "--out", "somewhere"])
     assert experiment.widths == benchmark.FULL["widths"] and experiment.ranks == (7,)  # explicit options win
     assert not experiment.memory and experiment.device == "cpu" and out == Path("somewhere")
-    assert benchmark.parse_args([])[0] == benchmark.Experiment()
+    assert benchmark.parse_args([])[0] == benchmark.BenchmarkExperiment()
 
 
 def test_cuda_asked_for_without_cuda_is_a_clear_error(monkeypatch, capsys):
@@ -77,13 +78,13 @@ def test_cuda_asked_for_without_cuda_is_a_clear_error(monkeypatch, capsys):
         benchmark.parse_args(["--device", "cuda"])
     assert "--device: device cuda was asked for, but torch" in capsys.readouterr().err
     with pytest.raises(ValueError, match=r"torch\.cuda\.is_available\(\) is False\); use device cpu"):
-        benchmark.run(benchmark.Experiment(widths=(8,), ranks=(2,), device="cuda"))
+        benchmark.run(benchmark.BenchmarkExperiment(widths=(8,), ranks=(2,), device="cuda"))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_the_benchmark_runs_on_cuda():
-    rows = benchmark.run(benchmark.Experiment(widths=(64,), ranks=(8,), reps=2, warmup=1, device="cuda"))
-    assert [row["variant"] for row in rows] == [benchmark.REFERENCE, *benchmark.Experiment().variants]
+    rows = benchmark.run(benchmark.BenchmarkExperiment(widths=(64,), ranks=(8,), reps=2, warmup=1, device="cuda"))
+    assert [row["variant"] for row in rows] == [benchmark.REFERENCE, *benchmark.BenchmarkExperiment().variants]
     assert all(row["step_ms"] > 0 and row["peak_mb"] > 0 for row in rows)
     assert rows[2]["flop_limit"] < 1.0  # vanilla, rank 8 of 64
 
@@ -92,7 +93,7 @@ def test_the_figure_config_is_a_step_benchmark_and_its_quick_run_is_smaller():
     assert "fig_n" in {figure.name for figure in report.discover(ROOT)}
     assert report.figure_kind(CONFIG) == "step-benchmark"
     full, quick = report.validate(CONFIG), benchmark.load_experiment(CONFIG, quick=True)
-    assert isinstance(full, benchmark.Experiment) and full.variants == quick.variants
+    assert isinstance(full, benchmark.BenchmarkExperiment) and full.variants == quick.variants
     assert max(quick.widths) < min(full.widths) and quick.reps < full.reps
     assert {target[:2] for target in benchmark.TARGETS} <= {(w, r) for w in full.widths for r in full.ranks}
     figure = next(f for f in report.discover(ROOT) if f.name == "fig_n")
@@ -103,13 +104,13 @@ KIND = '[figure]\nkind = "step-benchmark"\n'
 
 
 @pytest.mark.parametrize("text, message", [
-    (KIND + "[grid]\nwidth = [512]", r"grid\.width is not a key of \[grid\]; allowed: widths, ranks, batch"),
+    (KIND + "[grid]\nwidth = [512]", r"grid\.width is not a key of \[grid\] \(did you mean \"widths\"\?\); allowed keys: widths, ranks, batch"),
     (KIND + '[grid]\nvariants = ["dense", "dlrt/kls"]',
-     r"grid\.variants = \['dense', 'dlrt/kls'\] is not allowed; allowed: a non-empty list of torch-dense, dense"),
-    (KIND + "[grid]\nwidths = [0, 512]", r"grid\.widths = \[0, 512\] is not allowed; allowed: a non-empty list of integers >= 1"),
-    (KIND + "[grid]\nwidths = 512", r"grid\.widths = 512 is not allowed; allowed: a non-empty list of integers"),
-    (KIND + '[protocol]\ndevice = "gpu"', r'protocol\.device = \'gpu\' is not allowed; allowed: "cpu" \| "cuda"'),
-    (KIND + "[protocol]\nreps = 0", r"protocol\.reps = 0 is not allowed; allowed: an integer >= 1"),
+     r'grid\.variants\[1\] = "dlrt/kls" is unknown; allowed: a non-empty list of torch-dense, dense' ),
+    (KIND + "[grid]\nwidths = [0, 512]", r"grid\.widths\[0\] = 0 is too small; allowed: a non-empty list of integers >= 1"),
+    (KIND + "[grid]\nwidths = 512", r"grid\.widths = 512 has the wrong type; allowed: a non-empty list of integers"),
+    (KIND + '[protocol]\ndevice = "gpu"', r'protocol\.device = "gpu" is unknown.*; allowed: "cpu" \| "cuda"'),
+    (KIND + "[protocol]\nreps = 0", r"protocol\.reps = 0 is too small; allowed: an integer >= 1"),
     (KIND + "[quick]\nwidths = [16]", r"the quick run has rank 100, larger than every width \[16\]"),
     (KIND + "[timing]\nreps = 3", r"unknown top-level key 'timing'; allowed: \[figure\], \[grid\], \[protocol\]"),
     ('[figure]\nkind = "matrix-ode"', r'figure\.kind = .* allowed: "step-benchmark"'),

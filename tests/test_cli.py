@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from lowrank import data
+from lowrank.engine import data
 
 TINY = """
 [settings]
@@ -98,6 +98,6 @@ def test_benchmark_passes_every_option_to_the_benchmark_and_the_parser_needs_no_
     assert done.returncode == 0 and "python -m lowrank benchmark" in done.stdout and "--device {cpu,cuda}" in done.stdout
     done = run_cli("benchmark", "--widths", "0")
     assert done.returncode == 2 and "argument --widths: 0 is not an integer >= 1" in done.stderr
-    check = "import sys; from lowrank.__main__ import build_parser; build_parser(); print('torch' in sys.modules)"
+    check = "import sys; from lowrank.engine.cli import build_parser; build_parser(); print('torch' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=60)
     assert done.stdout.strip() == "False", done.stderr

@@ -1,4 +1,4 @@
-"""lowrank.config: both TOML shapes, resolved defaults, aliases, the cache key, and one test per error,
+"""lowrank.engine.config: both TOML shapes, resolved defaults, aliases, the cache key, and one test per error,
 each checking that the message names the file, the key path and what is allowed."""
 
 import dataclasses
@@ -6,8 +6,10 @@ import textwrap
 
 import pytest
 
-from lowrank import config, layers, optim
-from lowrank.config import ConfigError, LayerConfig, ModelConfig, Settings, Study
+from lowrank import choices, optim
+from lowrank.engine import config
+from lowrank.network import ACTIVATION_MODULES
+from lowrank.engine.config import ConfigError, LayerConfig, ModelConfig, Settings, Study
 
 FILE = "notebooks/configs/fig_a.toml"
 
@@ -470,13 +472,13 @@ def test_errors_without_a_path_name_the_string():
 
 
 def test_config_imports_only_the_standard_library():
-    import ast
+    """So that `python -m lowrank --help` and the report's checks of every TOML run without torch."""
+    import subprocess
     import sys
-    tree = ast.parse(open(config.__file__, encoding="utf-8").read())
-    modules = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
-    modules |= {node.module.split(".")[0] for node in ast.walk(tree)
-                if isinstance(node, ast.ImportFrom) and node.level == 0}
-    assert modules and modules <= sys.stdlib_module_names, modules - sys.stdlib_module_names
+    code = ("import sys; import lowrank.engine.config; "
+            "print(' '.join(sorted(m for m in sys.modules if m.startswith('lowrank') or m in ('torch', 'numpy', 'pandas'))))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert loaded == ["lowrank", "lowrank.choices", "lowrank.engine", "lowrank.engine.config"]
 
 
 def test_dataclasses_are_frozen():
@@ -577,11 +579,8 @@ activation = "identity"
             config.loads(text.replace("seeds = [0, 3]", f"seeds = {bad}"), "seeds.toml")
 
 
-def test_the_choices_of_the_config_are_the_library_s():
-    """config.py stays free of torch, so it writes the library's choice constants again; they must agree."""
-    assert (config.INITS, config.FACTORIZATIONS) == (layers.INITS, layers.FACTORIZATIONS)
-    assert (config.INTEGRATORS, config.BASIS_STATES) == (optim.INTEGRATORS, optim.BASIS_STATES)
-    assert config.DYNAMICAL_INIT_SCALE == layers.DYNAMICAL_INIT_SCALE
+def test_every_activation_name_has_its_module():
+    assert tuple(ACTIVATION_MODULES) == choices.ACTIVATIONS
 
 
 def test_basis_interval_reaches_the_dlrt_optimiser():
@@ -601,3 +600,45 @@ activation = "identity"
 """).models[0]
     network = NeuralNetwork.from_config(model.layers)
     assert optim.build_optimizer(network, model.settings).dlrt.basis_interval == 5
+
+
+@dataclasses.dataclass(frozen=True)
+class Probe:
+    """An experiment's options as the figure kinds declare theirs (lowrank.engine.experiments)."""
+
+    sizes: tuple[int, ...] = config.option((4,), "sizes", min=1, multiple_of=2, table="grid")
+    names: tuple[str, ...] = config.option(("a",), "names", choices=("a", "b"), table="grid")
+    empty_ok: tuple[float, ...] = config.option((), "may be []", above=0, empty=True, table="grid")
+    code: str = config.option("x1", "a code", pattern=(r"x\d", "x and a digit"), table="run")
+    steps: int = config.option(3, "steps", min=1, table="run")
+    untabled: int = 0
+
+
+PROBE = {"figure": {"kind": "probe"}, "grid": {"sizes": [2, 8]}, "run": {"steps": 5}, "quick": {"steps": 1}}
+
+
+def test_experiment_tables_read_each_key_from_its_table_and_quick_from_quick():
+    assert config.experiment_tables(PROBE, "probe", "p.toml", Probe) == {"kind": "probe"}
+    assert config.table_values(Probe, PROBE, "p.toml") == {"sizes": (2, 8), "steps": 5}
+    assert config.table_values(Probe, PROBE, "p.toml", quick=True) == {"sizes": (2, 8), "steps": 1}
+    assert Probe(**config.table_values(Probe, {"grid": {"empty_ok": []}}, "p.toml")).empty_ok == ()
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"grid": {"sizes": [2, 3]}}, r'p\.toml: grid\.sizes\[1\] = 3 is not a multiple of 2; allowed: a non-empty list of '
+                                  r"integers >= 1 and multiples of 2"),
+    ({"grid": {"sizes": []}}, r"grid\.sizes = \[\] has the wrong type; allowed: a non-empty list of integers"),
+    ({"grid": {"sizes": [2, 2.5]}}, r"grid\.sizes = \[2, 2\.5\] has the wrong type"),
+    ({"grid": {"names": ["a", "c"]}}, r'grid\.names\[1\] = "c" is unknown; allowed: a non-empty list of "a" \| "b"'),
+    ({"grid": {"empty_ok": [0]}}, r"grid\.empty_ok\[0\] = 0\.0 is too small; allowed: a list of numbers > 0"),
+    ({"run": {"code": "y"}}, r'run\.code = "y" is unknown; allowed: x and a digit'),
+    ({"run": {"sizes": [2]}}, r"run\.sizes is not a key of \[run\].*; allowed keys: code, steps"),
+    ({"quick": {"untabled": 1}}, r"quick\.untabled is not a key of \[quick\]; allowed keys: sizes, names, empty_ok, code"),
+    ({"grids": {}}, r"unknown top-level key 'grids'; allowed: \[figure\], \[grid\], \[run\], \[quick\]"),
+    ({"figure": {"kind": "other"}}, r'figure\.kind = "other" is not allowed; allowed: "probe"'),
+])
+def test_experiment_errors_name_the_file_the_key_and_the_allowed_values(data, message):
+    data = {"figure": {"kind": "probe"}, **data}
+    with pytest.raises(ConfigError, match=message):
+        config.experiment_tables(data, "probe", "p.toml", Probe)
+        config.table_values(Probe, data, "p.toml", quick=True)

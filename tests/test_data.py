@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from lowrank import data
+from lowrank.engine import data
 
 SIZES = {"train": 50_000, "val": 10_000, "test": 10_000}
 

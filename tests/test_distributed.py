@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from lowrank import config, data, distributed, store, training
+from lowrank.engine import config, data, distributed, store, training
 
 torch.set_num_threads(1)
 
@@ -48,7 +48,7 @@ CONFIG = SETTINGS + "".join(MODEL.format(integrator=name) for name in ("kls", "s
 # Run by each process: train every model of the config and save what this rank ends with.
 WORKER = """
 import sys, torch
-from lowrank import config, distributed, training
+from lowrank.engine import config, distributed, training
 with distributed.launch() as world:
     for model in config.load(sys.argv[1]).models:
         result = training.train(model, sys.argv[2])

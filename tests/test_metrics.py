@@ -141,3 +141,48 @@ def test_layer_singular_values_of_factors_equal_those_of_the_formed_matrix(layer
 def test_layer_singular_values_of_a_dense_layer():
     layer = Dense(30, 20)
     assert torch.equal(metrics.layer_singular_values(layer), metrics.singular_values(layer.weight))
+
+
+def two_clusters(a: float, b: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class 0 at (-1, 0) and class 1 at (1, 0), each sample displaced by (+-a, +-b) (all four signs)."""
+    shifts = torch.tensor([[a, b], [a, -b], [-a, b], [-a, -b]], dtype=torch.float64)
+    h = torch.cat([torch.tensor([-1.0, 0.0]) + shifts, torch.tensor([1.0, 0.0]) + shifts])
+    return h, torch.tensor([0] * 4 + [1] * 4)
+
+
+def test_nc1_of_two_clusters_by_hand():
+    # Sigma_B = e1 e1^T (means +-e1), Sigma_W = diag(a^2, b^2): NC1 = tr(Sigma_W Sigma_B^+) / 2 = a^2 / 2;
+    # the spread b along the null space of Sigma_B does not count.
+    h, y = two_clusters(0.5, 3.0)
+    assert metrics.nc1(h, y) == pytest.approx(0.125, rel=1e-12)
+
+
+def test_nc1_is_zero_for_collapsed_features_and_ignores_empty_classes():
+    h, y = two_clusters(0.0, 0.0)
+    assert metrics.nc1(h, y) == pytest.approx(0.0, abs=1e-20)
+    h, y = two_clusters(0.5, 0.0)
+    assert metrics.nc1(h, y + 3) == pytest.approx(0.125, rel=1e-12)  # classes 0..2 have no sample
+    with pytest.raises(ValueError, match="two classes"):
+        metrics.nc1(h[:4], y[:4])
+
+
+def test_nc1_equals_the_definition_with_a_full_pseudo_inverse():
+    torch.manual_seed(0)
+    classes, d = 4, 6
+    y = torch.arange(200) % classes
+    h = torch.randn(classes, d)[y] * 3 + torch.randn(200, d) * torch.linspace(0.1, 2, d)
+    h, y = h.double(), y
+    means = torch.stack([h[y == c].mean(0) for c in range(classes)])
+    sigma_w = sum((h[i] - means[y[i]])[:, None] * (h[i] - means[y[i]])[None, :] for i in range(200)) / 200
+    centred = means - means.mean(0)
+    sigma_b = centred.T @ centred / classes
+    expected = torch.trace(sigma_w @ torch.linalg.pinv(sigma_b, rtol=1e-10)).item() / classes
+    assert metrics.nc1(h, y) == pytest.approx(expected, rel=1e-8)
+
+
+def test_nc1_does_not_depend_on_a_rotation_or_a_shift_of_the_features():
+    torch.manual_seed(1)
+    y = torch.arange(300) % 3
+    h = torch.randn(3, 5)[y] + 0.5 * torch.randn(300, 5)
+    rotation = torch.linalg.qr(torch.randn(5, 5)).Q
+    assert metrics.nc1(h @ rotation + 7.0, y) == pytest.approx(metrics.nc1(h, y), rel=1e-6)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from lowrank import config
+from lowrank.engine import config
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")

@@ -1,8 +1,8 @@
 """The committed record of the report (book/figures/*.ipynb, the last full-size `make report`) is current.
 
 Each executed figure notebook stores the cache keys of the models it was computed from
-(`lowrank.report.stamp_record`); a changed configuration or library version changes the keys that
-`lowrank.report.figure_keys` computes now, and these tests fail until `make report` regenerates the record.
+(`lowrank.engine.report.stamp_record`); a changed configuration or library version changes the keys that
+`lowrank.engine.report.figure_keys` computes now, and these tests fail until `make report` regenerates the record.
 """
 
 import json
@@ -11,7 +11,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from lowrank import __version__, report
+from lowrank import __version__
+from lowrank.engine import report
 
 ROOT = Path(__file__).resolve().parents[1]
 FIGURES = report.discover(ROOT)

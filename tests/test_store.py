@@ -2,7 +2,7 @@
 
 import pytest
 
-from lowrank import config, store
+from lowrank.engine import config, store
 
 
 def test_atomic_write_leaves_no_partial_file_when_writing_fails(tmp_path):

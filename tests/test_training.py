@@ -8,7 +8,8 @@ import pandas as pd
 import pytest
 import torch
 
-from lowrank import config, data, metrics, store, training
+from lowrank import metrics
+from lowrank.engine import config, data, store, training
 from lowrank.network import effective_weight
 
 torch.set_num_threads(1)
@@ -251,7 +252,7 @@ def test_warm_start_factorises_the_trained_dense_twin(tmp_path):
 
 
 def test_warm_start_sets_the_best_rank_r_approximation_and_copies_the_rest():
-    from lowrank.analysis import truncated_svd
+    from lowrank.linalg import truncated_svd
     from lowrank.network import NeuralNetwork
 
     for factorization in ("usv", "uv"):
@@ -312,11 +313,9 @@ def test_track_layers_stores_spectra_and_nc1(tmp_path):
         values = torch.tensor(final[final.layer == i].sort_values("index").value.tolist(), dtype=torch.float64)
         assert torch.allclose(values, metrics.layer_singular_values(layer))
     assert result.history.nc1_0.nunique() == 1  # the pixels do not change with training
-    from lowrank.analysis import layer_inputs, nc1
-
     x, y = data.loaders("mnist", subset=500, seed=0).train.dataset.tensors
-    hidden = layer_inputs(result.model, x[:training.FEATURE_SAMPLE])[1]
-    assert result.history.nc1_1.iloc[-1] == pytest.approx(nc1(hidden, y[:training.FEATURE_SAMPLE]), rel=1e-6)
+    hidden = result.model.layer_inputs(x[:training.FEATURE_SAMPLE])[1]
+    assert result.history.nc1_1.iloc[-1] == pytest.approx(metrics.nc1(hidden, y[:training.FEATURE_SAMPLE]), rel=1e-6)
     cached = training.load_result(cfg, tmp_path)
     pd.testing.assert_frame_equal(cached.spectra, spectra, check_exact=True)
 

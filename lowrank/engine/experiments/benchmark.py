@@ -87,7 +87,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
@@ -99,8 +99,8 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry, shape_wrapper
 
-from lowrank import report
-from lowrank.config import ConfigError, Settings, experiment_figure, read_toml
+from lowrank.engine import determinism, summary
+from lowrank.engine.config import ConfigError, Settings, experiment_tables, option, read_toml, table_values
 from lowrank.layers import Dense, DynamicalLowRank, LowRank
 from lowrank.network import NeuralNetwork
 from lowrank.optim import build_optimizer
@@ -135,7 +135,7 @@ KIND = "step-benchmark"
 
 
 @dataclass(frozen=True)
-class Experiment:
+class BenchmarkExperiment:
     """One run of the benchmark: the groups ``threads x batch x widths``, the models of a group and the protocol.
 
     Read from a TOML file of kind ``"step-benchmark"`` by :func:`load_experiment` (``[grid]``: ``widths``,
@@ -145,15 +145,16 @@ class Experiment:
     in that width's group. ``memory``: also measure peak memory and FLOPs of a step.
     """
 
-    widths: tuple[int, ...] = (512, 2048)
-    ranks: tuple[int, ...] = (20, 50, 100)
-    batch: tuple[int, ...] = (232,)
-    threads: tuple[int, ...] = (1,)
-    variants: tuple[str, ...] = VARIANTS[1:]
-    reps: int = 25
-    warmup: int = 5
-    memory: bool = True
-    device: str = "cpu"
+    widths: tuple[int, ...] = option((512, 2048), "layer widths n (the network is n -> n -> 10)", min=1, table="grid")
+    ranks: tuple[int, ...] = option((20, 50, 100), "ranks r of the low-rank variants", min=1, table="grid")
+    batch: tuple[int, ...] = option((232,), "batch sizes", min=1, table="grid")
+    threads: tuple[int, ...] = option((1,), "torch threads", min=1, table="grid")
+    variants: tuple[str, ...] = option(VARIANTS[1:], "what is timed besides torch-dense",
+                                       pattern=(VARIANT_PATTERN.pattern, ALLOWED_VARIANTS), table="grid")
+    reps: int = option(25, "timed rounds", min=1, table="protocol")
+    warmup: int = option(5, "untimed rounds first", min=0, table="protocol")
+    memory: bool = option(True, "also measure peak memory and FLOPs of a step", table="protocol")
+    device: str = option("cpu", "where to time", choices=DEVICES, table="protocol")
     figure: dict = field(default_factory=dict, compare=False)
 
     def groups(self) -> list[tuple[int, int, int]]:
@@ -161,7 +162,7 @@ class Experiment:
         return [(t, b, w) for t in self.threads for b in self.batch for w in self.widths]
 
 
-#: The grid of ``--full`` (the other fields keep :class:`Experiment`'s defaults).
+#: The grid of ``--full`` (the other fields keep :class:`BenchmarkExperiment`'s defaults).
 FULL = dict(widths=(500, 512, 1024, 2048), ranks=(10, 20, 50, 100), batch=(232, 256), threads=(1, 2))
 
 
@@ -417,7 +418,7 @@ def top_operations(case: Case, count: int = TOP_OPERATIONS) -> list[tuple[str, f
     return [(a.key, self_time(a) / total, a.count) for a in ranked]
 
 
-def run_group(experiment: Experiment, threads: int, batch: int, width: int) -> list[dict]:
+def run_group(experiment: BenchmarkExperiment, threads: int, batch: int, width: int) -> list[dict]:
     """Time, and with ``experiment.memory`` measure, every model of one ``(threads, batch, width)`` group; one
     row per model, ``torch-dense`` first."""
     device = resolve_device(experiment.device)
@@ -457,7 +458,7 @@ def run_group(experiment: Experiment, threads: int, batch: int, width: int) -> l
     return rows
 
 
-def run(experiment: Experiment, log: TextIO | None = None) -> list[dict]:
+def run(experiment: BenchmarkExperiment, log: TextIO | None = None) -> list[dict]:
     """Every group of ``experiment`` (:func:`run_group`), one row per model; a line per group to ``log``."""
     rows = []
     for threads, batch, width in experiment.groups():
@@ -546,9 +547,9 @@ def operations_table(rows: list[dict]) -> pd.DataFrame:
                          for name, share, calls in row["top_operations"]])
 
 
-def machine(experiment: Experiment) -> str:
+def machine(experiment: BenchmarkExperiment) -> str:
     """The processor (and GPU), torch's version and the torch threads of ``experiment``, in words."""
-    m = report.machine()
+    m = determinism.machine()
     gpu = (f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda}) with "
            if experiment.device == "cuda" else "")
     threads = " and ".join(str(t) for t in experiment.threads)
@@ -559,59 +560,13 @@ def machine(experiment: Experiment) -> str:
 # ---------------------------------------------------------------------------------------------
 # The book's figure: a TOML file of kind "step-benchmark"
 
-def _integer(value, low: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= low
-
-
-def _list_of(value, element: Callable[[object], bool]) -> bool:
-    return isinstance(value, list) and len(value) > 0 and all(element(x) for x in value)
-
-
-def _counts(value) -> bool:
-    return _list_of(value, lambda x: _integer(x, 1))
-
-
-def _is_variant(value) -> bool:
-    return isinstance(value, str) and VARIANT_PATTERN.fullmatch(value) is not None
-
-
-_COUNTS = "a non-empty list of integers >= 1"
-_KEYS = {  # key -> (table, is the value allowed?, what is allowed)
-    "widths": ("grid", _counts, _COUNTS),
-    "ranks": ("grid", _counts, _COUNTS),
-    "batch": ("grid", _counts, _COUNTS),
-    "threads": ("grid", _counts, _COUNTS),
-    "variants": ("grid", lambda v: _list_of(v, _is_variant), f"a non-empty list of {ALLOWED_VARIANTS}"),
-    "reps": ("protocol", lambda v: _integer(v, 1), "an integer >= 1"),
-    "warmup": ("protocol", lambda v: _integer(v, 0), "an integer >= 0"),
-    "memory": ("protocol", lambda v: isinstance(v, bool), "true or false"),
-    "device": ("protocol", lambda v: v in DEVICES, " | ".join(f'"{d}"' for d in DEVICES)),
-}
-
-
-def _table_values(data: dict, name: str, file: str) -> dict:
-    """The keys of table ``name`` (``[quick]``: of any table), checked; lists become tuples."""
-    table_ = data.get(name, {})
-    if not isinstance(table_, dict):
-        raise ConfigError(f"{file}: {name} = {table_!r} is not a table; allowed: a table [{name}]")
-    allowed = [key for key, spec in _KEYS.items() if spec[0] == name or name == "quick"]
-    values = {}
-    for key, value in table_.items():
-        if key not in allowed:
-            raise ConfigError(f"{file}: {name}.{key} is not a key of [{name}]; allowed: {', '.join(allowed)}")
-        if not _KEYS[key][1](value):
-            raise ConfigError(f"{file}: {name}.{key} = {value!r} is not allowed; allowed: {_KEYS[key][2]}")
-        values[key] = tuple(value) if isinstance(value, list) else value
-    return values
-
-
-def parse_experiment(data: dict, path: str | Path | None = None, quick: bool = False) -> Experiment:
+def parse_experiment(data: dict, path: str | Path | None = None, quick: bool = False) -> BenchmarkExperiment:
     """Validate a dict shaped like the TOML file; ``quick`` applies the ``[quick]`` overrides. Both runs, full
     and quick, are checked whichever is asked for."""
     file = "<config>" if path is None else str(path)
-    figure = experiment_figure(data, KIND, ("grid", "protocol", "quick"), file)
-    full = Experiment(**_table_values(data, "grid", file), **_table_values(data, "protocol", file), figure=dict(figure))
-    runs = {"": full, "quick ": replace(full, **_table_values(data, "quick", file))}
+    figure = experiment_tables(data, KIND, file, BenchmarkExperiment)
+    runs = {run_: BenchmarkExperiment(**table_values(BenchmarkExperiment, data, file, quick=run_ == "quick "),
+                                      figure=dict(figure)) for run_ in ("", "quick ")}
     for run_, experiment in runs.items():
         if max(experiment.ranks) > max(experiment.widths):
             raise ConfigError(f"{file}: the {run_}run has rank {max(experiment.ranks)}, larger than every width "
@@ -619,27 +574,27 @@ def parse_experiment(data: dict, path: str | Path | None = None, quick: bool = F
     return runs["quick " if quick else ""]
 
 
-def load_experiment(path: str | Path, quick: bool = False) -> Experiment:
+def load_experiment(path: str | Path, quick: bool = False) -> BenchmarkExperiment:
     """Read and validate a TOML file of kind ``"step-benchmark"`` (``notebooks/configs/fig_n.toml``).
 
-    Errors (:class:`lowrank.config.ConfigError`) name the file, the key and the allowed values.
+    Errors (:class:`lowrank.engine.config.ConfigError`) name the file, the key and the allowed values.
     """
     return parse_experiment(read_toml(path), path, quick)
 
 
 def _key(row: dict) -> str:
     """``"dlrt_adaptive_single_pass_512_20"``, ``"dense_512"``: a row as part of a glue key."""
-    return report.slug(f"{row['variant']} {row['width']} {row['rank']}")
+    return summary.slug(f"{row['variant']} {row['width']} {row['rank']}")
 
 
-def glue_costs(prefix: str, rows: list[dict], experiment: Experiment) -> None:
+def glue_costs(prefix: str, rows: list[dict], experiment: BenchmarkExperiment) -> None:
     """Glue what does not depend on the machine: the grid and protocol (``{prefix}_widths``, ``_ranks``,
     ``_batch``, ``_threads``, ``_reps``, ``_warmup``) and per row ``{prefix}_{_key(row)}_flop_limit`` (3 decimals)
     and ``..._params``."""
     from myst_nb import glue
 
     for key in ("widths", "ranks", "batch", "threads"):
-        report.glue_names(f"{prefix}_{key}", [str(value) for value in getattr(experiment, key)])
+        summary.glue_names(f"{prefix}_{key}", [str(value) for value in getattr(experiment, key)])
     glue(f"{prefix}_reps", experiment.reps, display=False)
     glue(f"{prefix}_warmup", experiment.warmup, display=False)
     for row in rows:
@@ -647,7 +602,7 @@ def glue_costs(prefix: str, rows: list[dict], experiment: Experiment) -> None:
         glue(f"{prefix}_{_key(row)}_params", row["params"], display=False)
 
 
-def glue_measurements(prefix: str, rows: list[dict], experiment: Experiment) -> None:
+def glue_measurements(prefix: str, rows: list[dict], experiment: BenchmarkExperiment) -> None:
     """Glue what was measured on this machine. Per row: ``{prefix}_{_key(row)}_ratio`` (step time over torch
     dense, 3 decimals), ``..._step_ms`` and, for DLRT with a full step every step and ``memory``,
     ``..._update_flops`` (FLOPs of the update over those of the forward and backward pass, 2 decimals; an
@@ -660,21 +615,21 @@ def glue_measurements(prefix: str, rows: list[dict], experiment: Experiment) -> 
 
     for row in rows:
         glue(f"{prefix}_{_key(row)}_ratio", round(row["step_x"], 3), display=False)
-        glue(f"{prefix}_{_key(row)}_step_ms", report.Text(f"{row['step_ms']:.2f} ms"), display=False)
+        glue(f"{prefix}_{_key(row)}_step_ms", summary.Text(f"{row['step_ms']:.2f} ms"), display=False)
         if "gflop" in row and row["variant"].startswith("dlrt") and basis_interval(row["variant"]) == 1:
             glue(f"{prefix}_{_key(row)}_update_flops", round(row["gflop"] / row["pass_gflop"] - 1, 2), display=False)
         if "top_operations" in row:
-            glue(f"{prefix}_top_{row['width']}_{row['rank']}", report.Text(operations_text(row)), display=False)
+            glue(f"{prefix}_top_{row['width']}_{row['rank']}", summary.Text(operations_text(row)), display=False)
     targets = target_results(rows)
     for target in targets:
         key = f"{prefix}_target_{target['width']}_{target['rank']}"
         glue(f"{key}_limit", target["limit"], display=False)
-        glue(f"{key}_verdict", report.Text("met" if target["met"] else "missed"), display=False)
-    glue(f"{prefix}_targets_met", report.Text(f"{sum(t['met'] for t in targets)} of {len(targets)}"), display=False)
+        glue(f"{key}_verdict", summary.Text("met" if target["met"] else "missed"), display=False)
+    glue(f"{prefix}_targets_met", summary.Text(f"{sum(t['met'] for t in targets)} of {len(targets)}"), display=False)
     low_rank = [row for row in rows if row["rank"] != ""]
     above = sum(row["step_x"] > row["flop_limit"] for row in low_rank)
-    glue(f"{prefix}_above_limit", report.Text(f"{above} of {len(low_rank)}"), display=False)
-    glue(f"{prefix}_machine", report.Text(machine(experiment)), display=False)
+    glue(f"{prefix}_above_limit", summary.Text(f"{above} of {len(low_rank)}"), display=False)
+    glue(f"{prefix}_machine", summary.Text(machine(experiment)), display=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -688,13 +643,13 @@ def _count(text: str) -> int:
     return value
 
 
-def parse_args(argv: Sequence[str] = ()) -> tuple[Experiment, Path]:
+def parse_args(argv: Sequence[str] = ()) -> tuple[BenchmarkExperiment, Path]:
     """The experiment and the output folder of a command line (``python -m lowrank benchmark --help``)."""
-    from lowrank.store import default_results_dir
+    from lowrank.engine.config import default_results_dir
 
-    default = Experiment()
+    default = BenchmarkExperiment()
     parser = argparse.ArgumentParser(prog="python -m lowrank benchmark", description=__doc__.split("\n\n")[0],
-                                     epilog="See the docstring of lowrank.benchmark for what is measured and how.")
+                                     epilog="See the docstring of lowrank.engine.experiments.benchmark for what is measured and how.")
     parser.add_argument("--full", action="store_true",
                         help="the whole grid: " + ", ".join(f"{key} {' '.join(map(str, values))}"
                                                             for key, values in FULL.items())
@@ -714,24 +669,23 @@ def parse_args(argv: Sequence[str] = ()) -> tuple[Experiment, Path]:
     parser.add_argument("--out", type=Path, default=default_results_dir() / "benchmark",
                         help="folder for step.csv and step.md (default $LOWRANK_RESULTS/benchmark or results/benchmark)")
     args = parser.parse_args(list(argv))
-    if args.warmup < 0:
-        parser.error("--warmup must be >= 0")
-    unknown = [variant for variant in args.variants if not _is_variant(variant)]
-    if unknown:
-        parser.error(f"unknown variants {unknown}; allowed: {ALLOWED_VARIANTS}")
     try:
         resolve_device(args.device)
     except ValueError as error:
         parser.error(f"--device: {error}")
     grid = FULL if args.full else {}
-    experiment = Experiment(
-        **{key: tuple(getattr(args, key) or grid.get(key, getattr(default, key)))
-           for key in ("widths", "ranks", "batch", "threads", "variants")},
-        reps=args.reps, warmup=args.warmup, memory=not args.no_memory, device=args.device)
+    tables = {"figure": {"kind": KIND},
+              "grid": {key: list(getattr(args, key) or grid.get(key, getattr(default, key)))
+                       for key in ("widths", "ranks", "batch", "threads", "variants")},
+              "protocol": {"reps": args.reps, "warmup": args.warmup, "memory": not args.no_memory, "device": args.device}}
+    try:  # the checks of a TOML file (parse_experiment), with the options' names
+        experiment = parse_experiment(tables, "the command line")
+    except ConfigError as error:
+        parser.error(str(error).removeprefix("the command line: ").replace("grid.", "--").replace("protocol.", "--"))
     return experiment, args.out
 
 
-def environment(experiment: Experiment) -> str:
+def environment(experiment: BenchmarkExperiment) -> str:
     """When and on what the run was made: the date, :func:`machine` and Python's version."""
     return (f"{datetime.datetime.now().isoformat(timespec='seconds')}, {machine(experiment)}, "
             f"Python {platform.python_version()}")

@@ -105,3 +105,25 @@ def set_rng_state(state: dict[str, Any], loader) -> None:
     if len(generators) == len(state["data"]):
         for generator, value in zip(generators, state["data"]):
             generator.set_state(value)
+
+
+def machine() -> dict[str, str | int]:
+    """The machine and software a run is executed on: CPU, cores, torch threads, kernels and versions."""
+    import platform
+
+    import numpy
+    import torch
+
+    from lowrank import __version__
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as stream:
+            cpu = next((line.split(":", 1)[1].strip() for line in stream if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    blas = next((line.strip(" -") for line in torch.__config__.show().splitlines()
+                 if "Math Kernel Library" in line or "OpenBLAS" in line), "unknown")
+    return {"cpu": cpu, "cores": os.cpu_count() or 0, "torch_threads": int(os.environ.get("OMP_NUM_THREADS", 1)),
+            "cpu_kernels": torch.backends.cpu.get_cpu_capability(), "python": platform.python_version(),
+            "torch": torch.__version__, "numpy": numpy.__version__, "blas": blas, "lowrank": __version__}

@@ -50,7 +50,7 @@ import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, TensorDataset
 
-from lowrank.store import atomic_write
+from lowrank.engine.store import atomic_write
 
 DATASETS = ("mnist", "fashion-mnist")
 SPLITS = ("train", "val", "test")
@@ -485,7 +485,7 @@ def loaders(dataset: str = "mnist", batch_size: int = 232, seed: int = 0, subset
         root: a folder of IDX files to read instead of the cache (see `load_arrays`).
         device: where the tensors live, e.g. "cuda".
         dtype: the floating-point type of the images (float64 for runs whose outputs are compared
-            across machines, see `lowrank.config.Settings.dtype`).
+            across machines, see `lowrank.engine.config.Settings.dtype`).
 
     Each batch is a pair x `dtype` (B, 784), y int64 (B,).
     """

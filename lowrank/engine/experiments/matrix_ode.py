@@ -44,7 +44,7 @@ The experiment of the book's figure (j) is described by a TOML file read with :f
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
@@ -52,8 +52,8 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from lowrank.config import ConfigError, experiment_figure, read_toml
-from lowrank.determinism import torch_threads
+from lowrank.engine.config import ConfigError, experiment_tables, option, read_toml, table_values
+from lowrank.engine.determinism import torch_threads
 
 METHODS = ("direct-euler", "direct-rk4", "kls", "kls-exact", "projector-splitting", "projector-splitting-exact")
 SUBSTEPS = ("euler", "exact")
@@ -176,7 +176,7 @@ class Factors(NamedTuple):
         return self.U @ self.S @ self.V.T
 
 
-def initial_factors(problem: RotatingMatrix, rank: int | None = None) -> Factors:
+def initial_value(problem: RotatingMatrix, rank: int | None = None) -> Factors:
     """The truncated SVD of ``A(0)``: ``U``, ``V`` its leading singular vectors, ``S`` diagonal."""
     rank = problem.rank if rank is None else rank
     u, sigma, vt = torch.linalg.svd(problem.matrix(0.0))
@@ -303,7 +303,7 @@ def integrate(problem: RotatingMatrix, method: str, h: float, end_time: float = 
     times = output_times(end_time, outputs)
     if references is None:
         references = reference_solutions(problem, times)
-    y, t, diverged, rows = initial_factors(problem), 0.0, False, []
+    y, t, diverged, rows = initial_value(problem), 0.0, False, []
     for k, time in enumerate(times):
         if k > 0 and not diverged:
             for j in range(per_output):
@@ -334,23 +334,25 @@ def reference_solutions(problem: RotatingMatrix, times: list[float]) -> dict[flo
 # The experiment of figure (j)
 
 @dataclass(frozen=True)
-class Experiment:
+class OdeExperiment:
     """One TOML file of kind ``"matrix-ode"``: the problem, the integrators and the step sizes.
 
     Every key of the ``[problem]`` and ``[run]`` tables is a field here; ``[quick]`` may replace any of
     them for the quick (nbval) run.
     """
 
-    n: int = 100
-    rank: int = 10
-    sigma_min: tuple[float, ...] = (1e-2, 1e-4, 1e-6, 1e-8)
-    epsilon: float = 1e-10
-    rotation: float = 1.0
-    seed: int = 0
-    end_time: float = 1.0
-    outputs: int = 10
-    steps: tuple[float, ...] = (1e-1, 1e-2, 1e-3)
-    methods: tuple[str, ...] = ("direct-euler", "direct-rk4", "kls", "kls-exact")
+    n: int = option(100, "size of the n x n matrix", min=2, multiple_of=2, table="problem")
+    rank: int = option(10, "rank r of the approximations", min=1, table="problem")
+    sigma_min: tuple[float, ...] = option((1e-2, 1e-4, 1e-6, 1e-8), "smallest kept singular value of each problem",
+                                          above=0, max=1, table="problem")
+    epsilon: float = option(1e-10, "size of the perturbation outside the rank-r part", min=0, table="problem")
+    rotation: float = option(1.0, "angular speed of the rotating singular vectors", min=0, table="problem")
+    seed: int = option(0, "seed of the random orthogonal factors", min=0, table="problem")
+    end_time: float = option(1.0, "integrate from t = 0 to end_time", above=0, table="run")
+    outputs: int = option(10, "errors are reported at this many equally spaced times", min=1, table="run")
+    steps: tuple[float, ...] = option((1e-1, 1e-2, 1e-3), "step sizes h", above=0, table="run")
+    methods: tuple[str, ...] = option(("direct-euler", "direct-rk4", "kls", "kls-exact"), "integrators",
+                                      choices=METHODS, table="run")
     figure: dict = field(default_factory=dict, compare=False)
 
     def runs(self) -> list[tuple[float, str, float]]:
@@ -358,63 +360,14 @@ class Experiment:
         return [(s, m, h) for s in self.sigma_min for m in self.methods for h in self.steps]
 
 
-# key -> (table, kind, check, allowed) for the TOML file
-_KEYS = {
-    "n": ("problem", int, lambda v: v >= 2 and v % 2 == 0, "an even integer >= 2"),
-    "rank": ("problem", int, lambda v: v >= 1, "an integer >= 1"),
-    "sigma_min": ("problem", list, lambda v: all(0 < x <= 1 for x in v), "a list of numbers in (0, 1]"),
-    "epsilon": ("problem", float, lambda v: v >= 0, "a number >= 0"),
-    "rotation": ("problem", float, lambda v: v >= 0, "a number >= 0"),
-    "seed": ("problem", int, lambda v: v >= 0, "an integer >= 0"),
-    "end_time": ("run", float, lambda v: v > 0, "a number > 0"),
-    "outputs": ("run", int, lambda v: v >= 1, "an integer >= 1"),
-    "steps": ("run", list, lambda v: all(x > 0 for x in v), "a list of numbers > 0"),
-    "methods": ("run", list, lambda v: all(x in METHODS for x in v), " | ".join(f'"{m}"' for m in METHODS)),
-}
 KIND = "matrix-ode"
 
 
-def _check(key: str, value, where: str, file: str):
-    table, kind, check, allowed = _KEYS[key]
-    if kind is list:
-        element = str if key == "methods" else float
-        ok = isinstance(value, list) and len(value) > 0 and all(
-            isinstance(x, str) if element is str else isinstance(x, (int, float)) and not isinstance(x, bool)
-            for x in value)
-        value = tuple(value if element is str else (float(x) for x in value)) if ok else value
-    elif kind is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
-    else:
-        ok = isinstance(value, kind) and not isinstance(value, bool)
-    if not ok or not check(value if kind is not list else list(value)):
-        shown = list(value) if isinstance(value, tuple) else value
-        raise ConfigError(f"{file}: {where}.{key} = {shown!r} is not allowed; allowed: {allowed}")
-    return value
-
-
-def _table_values(data: dict, name: str, file: str) -> dict:
-    table = data.get(name, {})
-    if not isinstance(table, dict):
-        raise ConfigError(f"{file}: {name} = {table!r} is not a table; allowed: a table [{name}]")
-    values = {}
-    for key, value in table.items():
-        allowed = [k for k, spec in _KEYS.items() if spec[0] == name or name == "quick"]
-        if key not in allowed:
-            raise ConfigError(f"{file}: {name}.{key} is not a key of [{name}]; allowed: {', '.join(allowed)}")
-        values[key] = _check(key, value, name, file)
-    return values
-
-
-def parse_experiment(data: dict, path: str | Path | None = None, quick: bool = False) -> Experiment:
+def parse_experiment(data: dict, path: str | Path | None = None, quick: bool = False) -> OdeExperiment:
     """Validate a dict shaped like the TOML file; ``quick`` applies the ``[quick]`` overrides."""
     file = "<config>" if path is None else str(path)
-    figure = experiment_figure(data, KIND, ("problem", "run", "quick"), file)
-    values = {**_table_values(data, "problem", file), **_table_values(data, "run", file)}
-    overrides = _table_values(data, "quick", file)
-    experiment = Experiment(**values, figure=dict(figure))
-    if quick:
-        experiment = replace(experiment, **overrides)
+    figure = experiment_tables(data, KIND, file, OdeExperiment)
+    experiment = OdeExperiment(**table_values(OdeExperiment, data, file, quick), figure=dict(figure))
     if experiment.rank > experiment.n:
         raise ConfigError(f"{file}: problem.rank = {experiment.rank} is larger than n = {experiment.n}; "
                           f"allowed: 1..{experiment.n}")
@@ -426,15 +379,15 @@ def parse_experiment(data: dict, path: str | Path | None = None, quick: bool = F
     return experiment
 
 
-def load_experiment(path: str | Path, quick: bool = False) -> Experiment:
+def load_experiment(path: str | Path, quick: bool = False) -> OdeExperiment:
     """Read and validate a TOML file of kind ``"matrix-ode"`` (``notebooks/configs/fig_j.toml``).
 
-    Errors (:class:`lowrank.config.ConfigError`) name the file, the key and the allowed values.
+    Errors (:class:`lowrank.engine.config.ConfigError`) name the file, the key and the allowed values.
     """
     return parse_experiment(read_toml(path), path, quick)
 
 
-def run_experiment(experiment: Experiment) -> pd.DataFrame:
+def run_experiment(experiment: OdeExperiment) -> pd.DataFrame:
     """Every run of ``experiment``, as one tidy table.
 
     Columns: ``sigma_min``, ``method``, ``step``, then those of :func:`integrate` (one row per output time).

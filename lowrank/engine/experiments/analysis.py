@@ -1,21 +1,6 @@
-"""Analysis of trained networks: within-class variability of features, truncation to the epsilon-rank.
+"""Analysis of trained networks (figures h, i): truncation to the epsilon-rank, and its cost in accuracy.
 
-Within-class variability (neural collapse, Papyan, Han & Donoho 2020). For features ``h_i`` in ``R^d`` of
-``N`` samples with labels ``y_i`` in ``C`` classes, class means ``mu_c`` (over the ``N_c`` samples of class
-``c``) and their mean ``mu = (1/C) sum_c mu_c``::
-
-    Sigma_W = (1/N) sum_i (h_i - mu_{y_i}) (h_i - mu_{y_i})^T          within-class covariance
-    Sigma_B = (1/C) sum_c (mu_c - mu) (mu_c - mu)^T                    between-class covariance
-    NC1     = (1/C) tr(Sigma_W Sigma_B^+)                              (^+: Moore-Penrose pseudo-inverse)
-
-NC1 measures the spread of each class around its mean in units of the distances between the means; it
-tends to 0 as the features of each class collapse to their mean. ``Sigma_B = M M^T / C`` with the
-``d x C`` matrix ``M = [mu_c - mu]`` (rank ``<= C - 1``), so ``Sigma_B^+ = C (M^+)^T M^+`` and
-
-    NC1 = (1/N) ||M^+ (H - mu_Y)^T||_F^2
-
-(``H - mu_Y``: each row ``h_i - mu_{y_i}``): a ``C x d`` pseudo-inverse and ``C x N`` products, never a
-``d x d`` matrix. Directions of ``M`` whose singular value is below ``1e-6`` times the largest count as null.
+The within-class variability NC1 of a layer's features is :func:`lowrank.metrics.nc1`.
 
 Truncation: the best rank-``k`` approximation of ``W = P Sigma Q^T`` in every unitarily invariant norm is
 ``W_k = P_k Sigma_k Q_k^T`` (Eckart-Young), with ``||W - W_k||_F^2 = sum_{i > k} sigma_i^2``. Truncating to the
@@ -39,44 +24,6 @@ from lowrank.network import NeuralNetwork, effective_weight
 
 if TYPE_CHECKING:
     import pandas as pd
-
-#: Singular values of the class-mean matrix ``M`` below this times the largest are treated as zero in ``M^+``.
-PINV_RTOL = 1e-6
-
-
-@torch.no_grad()
-def layer_inputs(model: NeuralNetwork, x: Tensor) -> list[Tensor]:
-    """The input ``A_{l-1}`` of every layer ``l`` for the batch ``x`` (``A_0`` = the flattened images), in eval mode.
-
-    Returns one ``(B, n_in)`` tensor per layer; the training mode of ``model`` is restored.
-    """
-    was_training = model.training
-    model.eval()
-    a, inputs = x.flatten(1), []
-    for layer, activation in zip(model.layers, model.activations):
-        inputs.append(a)
-        a = activation(layer(a))
-    model.train(was_training)
-    return inputs
-
-
-def nc1(features: Tensor, labels: Tensor) -> float:
-    """Within-class variability ``(1/C) tr(Sigma_W Sigma_B^+)`` of ``features`` ``(N, d)`` (module docstring).
-
-    ``labels`` ``(N,)`` are class indices; classes without a sample are left out (``C`` counts the others).
-    Needs two classes or more. Computed in float64.
-    """
-    h = features.detach().to("cpu", torch.float64).flatten(1)
-    present, y = torch.unique(labels.detach().cpu(), return_inverse=True)  # y: 0..C-1
-    if len(present) < 2:
-        raise ValueError(f"NC1 needs samples of two classes or more, got classes {present.tolist()}")
-    counts = torch.bincount(y).to(torch.float64)
-    means = torch.zeros(len(present), h.shape[1], dtype=torch.float64).index_add_(0, y, h) / counts[:, None]
-    centred_means = means - means.mean(0)  # rows mu_c - mu: M^T
-    pinv = torch.linalg.pinv(centred_means.T, rtol=PINV_RTOL)  # M^+, (C, d)
-    projected = pinv @ h.T - (pinv @ means.T)[:, y]  # M^+ (h_i - mu_{y_i}) for every i, (C, N)
-    return float(projected.square().sum() / len(y))
-
 
 @torch.no_grad()
 def truncated_network(model: NeuralNetwork, ranks: Sequence[int]) -> NeuralNetwork:

@@ -46,11 +46,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lowrank import config as cfg
-from lowrank.determinism import default_dtype, torch_threads
+from lowrank.engine import config as cfg
+from lowrank.engine.determinism import default_dtype, torch_threads
 from lowrank.layers import Dense, dense_product, random_orthonormal, skinny_mm
 from lowrank.metrics import model_accuracy
-from lowrank.network import ACTIVATIONS, NeuralNetwork
+from lowrank.network import ACTIVATION_MODULES, NeuralNetwork
 
 SHIFTS = ("permuted-labels", "fashion-mnist")
 KIND = "adapters"
@@ -122,7 +122,7 @@ def adapt(model: NeuralNetwork, ranks: list[int], s: float = 0.0) -> NeuralNetwo
     layers = list(model.layers)
     if len(ranks) != len(layers) or not all(isinstance(layer, Dense) for layer in layers):
         raise ValueError(f"need one rank per Dense layer: {len(layers)} layers, ranks {ranks}")
-    names = {cls: name for name, cls in ACTIVATIONS.items()}
+    names = {cls: name for name, cls in ACTIVATION_MODULES.items()}
     activations = [names[type(a)] for a in model.activations]
     return NeuralNetwork([Adapter(layer, r, s) for layer, r in zip(layers, ranks)], activations)
 
@@ -255,7 +255,7 @@ def shifted_task(shift: str, train_images: int, seed: int = 0) -> Task:
     becomes ``W_3 P`` (``P`` the cyclic permutation matrix) and ``b_3`` becomes ``b_3 P``; ``W_3 (P - I)`` has
     rank 9. ``"fashion-mnist"``: Fashion-MNIST, a new input distribution and new classes.
     """
-    from lowrank import data
+    from lowrank.engine import data
 
     if shift not in SHIFTS:
         raise ValueError(f"shift {shift!r} is not one of {SHIFTS}")
@@ -288,11 +288,10 @@ def frozen_products(model: NeuralNetwork, x: Tensor) -> Tensor:
 
 
 def forward(model: NeuralNetwork, x: Tensor, frozen: Tensor | None = None) -> Tensor:
-    """``model(x)``, with ``frozen = x W_0`` of the first adapter given (:func:`frozen_products`)."""
-    a = x.flatten(1)
-    for i, (layer, activation) in enumerate(zip(model.layers, model.activations)):
-        a = activation(layer(a, frozen) if i == 0 else layer(a))
-    return a
+    """``model(x)``, with ``frozen = x W_0`` of the first adapter given (:func:`frozen_products`): the first
+    layer uses it, the network's own forward does the rest."""
+    first = model.activations[0](model.layers[0](x.flatten(1), frozen))
+    return model(first, start=1)
 
 
 def _batches(n: int, batch_size: int, generator: torch.Generator):
@@ -327,16 +326,17 @@ def train_fixed(model: NeuralNetwork, x: Tensor, y: Tensor, steps: int, batch_si
     return losses
 
 
-@dataclass
+@dataclass(frozen=True)
 class Bilevel:
-    """The settings of :func:`train_bilevel`."""
+    """The settings of :func:`train_bilevel`: the ``[bilevel]`` table of an adapters TOML, and ``seed``, which
+    splits the images into the two halves (``[adaptation] seed``)."""
 
-    tau: float = 10.0
-    outer_steps: int = 300
-    inner_steps: int = 4
-    batch_size: int = 128
-    learning_rate: float = 3e-3
-    fw_step: float = 0.05
+    tau: float = cfg.option(25.0, "budget: the sum of s over every rank-one term", above=0, table="bilevel")
+    outer_steps: int = cfg.option(300, "Frank-Wolfe steps on s", min=1, table="bilevel")
+    inner_steps: int = cfg.option(4, "Adam steps on the factors per outer step", min=1, table="bilevel")
+    batch_size: int = cfg.option(128, "images per step", min=1, table="bilevel")
+    learning_rate: float = cfg.option(3e-3, "Adam's step size of the inner steps", above=0, table="bilevel")
+    fw_step: float = cfg.option(0.1, "Frank-Wolfe step size gamma", above=0, max=1, table="bilevel")
     seed: int = 0
 
 
@@ -401,28 +401,26 @@ def train_bilevel(model: NeuralNetwork, x: Tensor, y: Tensor, settings: Bilevel)
 # The experiment of figure (k)
 
 @dataclass(frozen=True)
-class Experiment:
+class AdapterExperiment:
     """One TOML file of kind ``"adapters"``.
 
-    ``pretrain``: the pretrained network, a :class:`lowrank.config.ModelConfig` read from the ``[pretrain]``
+    ``pretrain``: the pretrained network, a :class:`lowrank.engine.config.ModelConfig` read from the ``[pretrain]``
     table (``[pretrain.settings]`` and ``[[pretrain.layer]]`` of dense layers, as in any study). The other
-    fields are the keys of ``[adaptation]`` and ``[bilevel]``; ``[quick]`` may replace any of them.
+    fields are the keys of ``[adaptation]``, and ``bilevel`` those of ``[bilevel]``; ``[quick]`` may replace
+    any of them.
     """
 
     pretrain: cfg.ModelConfig
-    shift: str = "permuted-labels"
-    train_images: int = 10_000
-    max_rank: int = 32
-    threshold: float = 0.01
-    oracle_ranks: tuple[int, ...] = ()
-    seed: int = 0
-    repeats: int = 3
-    tau: float = 25.0
-    outer_steps: int = 300
-    inner_steps: int = 4
-    batch_size: int = 128
-    learning_rate: float = 3e-3
-    fw_step: float = 0.1
+    shift: str = cfg.option("permuted-labels", "the new task", choices=SHIFTS, table="adaptation")
+    train_images: int = cfg.option(10_000, "training images of the new task", min=2, max=50_000, table="adaptation")
+    max_rank: int = cfg.option(32, "largest adapter rank of a layer (capped at min(n_in, n_out))", min=1, table="adaptation")
+    threshold: float = cfg.option(0.01, "terms with s below threshold * tau are pruned (a fraction of tau)", min=0, below=1,
+                              table="adaptation")
+    oracle_ranks: tuple[int, ...] = cfg.option((), "ranks known to suffice, one per layer; [] = none", min=0, empty=True,
+                                           table="adaptation")
+    seed: int = cfg.option(0, "seed of the task, the split and the adapters", min=0, table="adaptation")
+    repeats: int = cfg.option(3, "trainings (seeds) of each fixed-rank model", min=1, table="adaptation")
+    bilevel: Bilevel = Bilevel()
     figure: dict = field(default_factory=dict, compare=False)
 
     @property
@@ -430,60 +428,12 @@ class Experiment:
         """The largest adapter rank of each layer: ``min(max_rank, n_in, n_out)``."""
         return [min(self.max_rank, *layer.dims) for layer in self.pretrain.layers]
 
-    def bilevel(self) -> Bilevel:
-        return Bilevel(self.tau, self.outer_steps, self.inner_steps, self.batch_size, self.learning_rate,
-                       self.fw_step, self.seed)
 
-
-_KEYS = {  # key -> (table, type, check, allowed)
-    "shift": ("adaptation", str, lambda v: v in SHIFTS, " | ".join(f'"{s}"' for s in SHIFTS)),
-    "train_images": ("adaptation", int, lambda v: 2 <= v <= 50_000, "an integer in 2..50000"),
-    "max_rank": ("adaptation", int, lambda v: v >= 1, "an integer >= 1"),
-    "threshold": ("adaptation", float, lambda v: 0 <= v < 1, "a number >= 0 and < 1 (a fraction of tau)"),
-    "oracle_ranks": ("adaptation", list, lambda v: all(r >= 0 for r in v), "a list of integers >= 0, one per layer"),
-    "seed": ("adaptation", int, lambda v: v >= 0, "an integer >= 0"),
-    "repeats": ("adaptation", int, lambda v: v >= 1, "an integer >= 1"),
-    "tau": ("bilevel", float, lambda v: v > 0, "a number > 0"),
-    "outer_steps": ("bilevel", int, lambda v: v >= 1, "an integer >= 1"),
-    "inner_steps": ("bilevel", int, lambda v: v >= 1, "an integer >= 1"),
-    "batch_size": ("bilevel", int, lambda v: v >= 1, "an integer >= 1"),
-    "learning_rate": ("bilevel", float, lambda v: v > 0, "a number > 0"),
-    "fw_step": ("bilevel", float, lambda v: 0 < v <= 1, "a number > 0 and <= 1"),
-}
-
-
-def _check(key: str, value, where: str, file: str):
-    kind, check, allowed = _KEYS[key][1:]
-    if kind is list:
-        ok = isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
-        value = tuple(value) if ok else value
-    elif kind is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
-    else:
-        ok = isinstance(value, kind) and not isinstance(value, bool)
-    if not ok or not check(value):
-        shown = list(value) if isinstance(value, tuple) else value
-        raise cfg.ConfigError(f"{file}: {where}.{key} = {shown!r} is not allowed; allowed: {allowed}")
-    return value
-
-
-def _table_values(data: dict, name: str, file: str) -> dict:
-    table = data.get(name, {})
-    if not isinstance(table, dict):
-        raise cfg.ConfigError(f"{file}: {name} = {table!r} is not a table; allowed: a table [{name}]")
-    allowed = [k for k, spec in _KEYS.items() if spec[0] == name or name == "quick"]
-    for key in table:
-        if key not in allowed:
-            raise cfg.ConfigError(f"{file}: {name}.{key} is not a key of [{name}]; allowed: {', '.join(allowed)}")
-    return {key: _check(key, value, name, file) for key, value in table.items()}
-
-
-def parse_experiment(data: dict, path: str | Path | None = None, quick: bool = False) -> Experiment:
+def parse_experiment(data: dict, path: str | Path | None = None, quick: bool = False) -> AdapterExperiment:
     """Validate a dict shaped like the TOML file; ``quick`` applies ``[quick]`` and the report's quick
-    pretraining (:func:`lowrank.report.quick_settings`: 1,000 images, at most 1 epoch)."""
+    pretraining (:func:`lowrank.engine.config.quick_settings`: 1,000 images, at most 1 epoch)."""
     file = "<config>" if path is None else str(path)
-    figure = cfg.experiment_figure(data, KIND, ("pretrain", "adaptation", "bilevel", "quick"), file)
+    figure = cfg.experiment_tables(data, KIND, file, AdapterExperiment, Bilevel, extra=("pretrain",))
     pretrain = data.get("pretrain")
     if not isinstance(pretrain, dict):
         raise cfg.ConfigError(f"{file}: pretrain is missing; allowed: a table [pretrain] with [pretrain.settings] "
@@ -495,12 +445,10 @@ def parse_experiment(data: dict, path: str | Path | None = None, quick: bool = F
     model = cfg.ModelConfig("pretrained", model.settings, model.layers)
     if any(layer.type != "dense" for layer in model.layers):
         raise cfg.ConfigError(f'{file}: pretrain.layer: every layer must have type = "dense"; allowed: "dense"')
-    values = {**_table_values(data, "adaptation", file), **_table_values(data, "bilevel", file)}
-    experiment = Experiment(model, **values, figure=dict(figure))
-    if quick:
-        from lowrank.report import quick_settings
-
-        experiment = replace(experiment, pretrain=quick_settings(model), **_table_values(data, "quick", file))
+    experiment = AdapterExperiment(cfg.quick_settings(model) if quick else model,
+                                   **cfg.table_values(AdapterExperiment, data, file, quick), figure=dict(figure))
+    bilevel = Bilevel(**cfg.table_values(Bilevel, data, file, quick), seed=experiment.seed)
+    experiment = replace(experiment, bilevel=bilevel)
     if experiment.oracle_ranks and (len(experiment.oracle_ranks) != len(model.layers) or any(
             r > cap for r, cap in zip(experiment.oracle_ranks, experiment.caps))):
         raise cfg.ConfigError(f"{file}: adaptation.oracle_ranks = {list(experiment.oracle_ranks)} needs one rank per "
@@ -508,16 +456,16 @@ def parse_experiment(data: dict, path: str | Path | None = None, quick: bool = F
     return experiment
 
 
-def load_experiment(path: str | Path, quick: bool = False) -> Experiment:
+def load_experiment(path: str | Path, quick: bool = False) -> AdapterExperiment:
     """Read and validate a TOML file of kind ``"adapters"`` (``notebooks/configs/fig_k.toml``).
 
-    Errors (:class:`lowrank.config.ConfigError`) name the file, the key and the allowed values.
+    Errors (:class:`lowrank.engine.config.ConfigError`) name the file, the key and the allowed values.
     """
     return parse_experiment(cfg.read_toml(path), path, quick)
 
 
 @dataclass
-class Study:
+class AdapterResults:
     """What :func:`run_experiment` found.
 
     ``models``: one row per adapted model: ``model``, ``ranks`` (per layer), ``total_rank``, ``parameters``
@@ -535,11 +483,12 @@ class Study:
     weights: pd.DataFrame
     pretrained_accuracy: dict[str, float]
     seconds: dict[str, float]
-    experiment: Experiment
+    experiment: AdapterExperiment
     exact_fix: Tensor | None = None
 
 
-def run_experiment(experiment: Experiment, results_dir: str | Path | None = None, force: bool = False) -> Study:
+def run_experiment(experiment: AdapterExperiment, results_dir: str | Path | None = None,
+                   force: bool = False) -> AdapterResults:
     """Pretrain (or read from the results cache), then adapt to the shifted task four ways.
 
     1. ``bilevel``: :func:`train_bilevel` from adapters of rank ``caps`` on every layer; its ranks are the
@@ -556,7 +505,7 @@ def run_experiment(experiment: Experiment, results_dir: str | Path | None = None
     """
     import time
 
-    from lowrank import training
+    from lowrank.engine import training
 
     seconds, rows = {}, []
     # Adapters, their optimiser state and the task's images take the pretrained network's dtype.
@@ -584,17 +533,17 @@ def run_experiment(experiment: Experiment, results_dir: str | Path | None = None
         start = time.perf_counter()
         torch.manual_seed(experiment.seed)
         model = adapt(base, experiment.caps)
-        history = train_bilevel(model, task.train_x, task.train_y, experiment.bilevel())
+        history = train_bilevel(model, task.train_x, task.train_y, experiment.bilevel)
         seconds["bilevel"] = time.perf_counter() - start
         record("bilevel", ranks(model), [model])
         weights = pd.DataFrame(
             [(i, k, value) for i, a in enumerate(adapters(model))
              for k, value in enumerate(sorted(a.s.detach().tolist(), reverse=True))],
             columns=["layer", "index", "s"])
-        selected = prune(model, experiment.threshold * experiment.tau)
+        selected = prune(model, experiment.threshold * experiment.bilevel.tau)
         record("bilevel, pruned", selected, [model])
 
-        steps = experiment.outer_steps * experiment.inner_steps
+        steps = experiment.bilevel.outer_steps * experiment.bilevel.inner_steps
         fixed = {"selected ranks": selected, "uniform ranks": uniform_ranks(sum(selected), experiment.caps)}
         if experiment.oracle_ranks:
             fixed["oracle ranks"] = list(experiment.oracle_ranks)
@@ -603,8 +552,8 @@ def run_experiment(experiment: Experiment, results_dir: str | Path | None = None
             for seed in range(experiment.seed, experiment.seed + experiment.repeats):
                 torch.manual_seed(seed)
                 models.append(adapt(base, layer_ranks))
-                train_fixed(models[-1], task.train_x, task.train_y, steps, experiment.batch_size,
-                            experiment.learning_rate, seed)
+                train_fixed(models[-1], task.train_x, task.train_y, steps, experiment.bilevel.batch_size,
+                            experiment.bilevel.learning_rate, seed)
             seconds[name] = (time.perf_counter() - start) / experiment.repeats  # per run
             record(name, layer_ranks, models)
-    return Study(pd.DataFrame(rows), history, weights, accuracies, seconds, experiment, exact_fix)
+    return AdapterResults(pd.DataFrame(rows), history, weights, accuracies, seconds, experiment, exact_fix)

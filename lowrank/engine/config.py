@@ -34,26 +34,23 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import os
+import re
 import tomllib
 import types
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import __version__
+from lowrank import __version__
+from lowrank.choices import (ACTIVATIONS, BASIS_STATES, DENSE_INITS, DYNAMICAL_INIT_SCALE, FACTORIZATIONS, INITS,
+                             INTEGRATORS, LAYER_TYPES, OPTIMIZERS)
 
-LAYER_TYPES = ("dense", "lowrank", "dynamical")
-ACTIVATIONS = ("relu", "identity", "tanh", "sigmoid")
-INITS = ("kaiming", "kaiming-flat", "normal", "spectral", "spectral-ones")
-# init_scale of a dynamical layer with the default kaiming init, unless set (lowrank.layers.DYNAMICAL_INIT_SCALE);
-# every other layer and init: 1.
-DYNAMICAL_INIT_SCALE = 0.2
-FACTORIZATIONS = ("usv", "uv")
-OPTIMIZERS = ("sgd", "adam")
+#: The environment variable that names the results cache (:func:`default_results_dir`).
+RESULTS_ENV = "LOWRANK_RESULTS"
 DEVICES = ("cpu", "cuda", "auto")
 DTYPES = ("float32", "float64")
-INTEGRATORS = ("kls", "single-pass")
-BASIS_STATES = ("project", "reset")
 # (inputs, classes) of each dataset: the first layer takes the inputs, the last gives the classes.
 DATASETS = {"mnist": (784, 10), "fashion-mnist": (784, 10)}
 # camelCase keys of the seed study's template -> our names
@@ -68,7 +65,10 @@ def option(default=dataclasses.MISSING, help="", **checks):
     """A dataclass field whose metadata drives validation.
 
     checks: choices=(...) allowed values; min= / max= inclusive bounds; above= / below= exclusive
-    bounds; types=(...) the layer types that use the key (default: all).
+    bounds; multiple_of=k; pattern=(regex, description) a string that matches; for a ``tuple[X, ...]``
+    field (a TOML list) each check applies to every element, and empty=True allows ``[]``;
+    types=(...) the layer types that use the key (default: all); table="name" the TOML table an
+    experiment's key is read from (:func:`experiment_tables`, :func:`table_values`).
     """
     return field(default=default, metadata={"help": help, **checks})
 
@@ -219,6 +219,30 @@ class Study:
     figure: dict = field(default_factory=dict)
 
 
+#: Settings of a ``--quick`` run: a small training subset and one epoch without fine-tuning (validation
+#: and test stay full), in float64, so that the stored outputs that nbval compares do not depend on the
+#: CPU's kernels (``book/reproducibility.md``: rounding differences that rank-adaptive runs amplify stay
+#: below the digits shown for one epoch, not for two where ranks grow).
+QUICK = {"subset": 1000, "num_epochs": 1, "fine_tune_epochs": 0, "dtype": "float64"}
+
+
+def quick_settings(model: ModelConfig) -> ModelConfig:
+    """``model`` with the :data:`QUICK` overrides (never more epochs or images than it asks for); a warm start
+    keeps its dense epochs and gets :data:`QUICK`'s epochs after them."""
+    subset = min(QUICK["subset"], model.settings.subset or QUICK["subset"])
+    settings = model.settings
+    epochs = min(settings.warm_start_epochs + QUICK["num_epochs"], settings.num_epochs)
+    return model.with_settings(subset=subset, num_epochs=epochs,
+                               fine_tune_epochs=min(QUICK["fine_tune_epochs"], settings.fine_tune_epochs),
+                               dtype=QUICK["dtype"])
+
+
+def default_results_dir(root: str | Path = ".") -> Path:
+    """Where trained runs are cached (``lowrank.engine.store``): ``$LOWRANK_RESULTS`` if set, else ``<root>/results``
+    (``root``: the working folder, or the repository root for the report)."""
+    return Path(os.environ.get(RESULTS_ENV) or Path(root) / "results")
+
+
 # ---------------------------------------------------------------------------------------------
 # Reading files
 
@@ -243,19 +267,53 @@ def read_toml(path: str | Path) -> dict:
         raise ConfigError(f"{path}: invalid TOML: {error}") from None
 
 
-def experiment_figure(data: dict, kind: str, tables: tuple[str, ...], file: str) -> dict:
-    """The ``[figure]`` table of an experiment TOML of ``kind`` (a figure that is not a network study), after
-    checking that the file has no top-level key but ``figure`` and ``tables`` and that ``figure.kind`` is
-    ``kind``; each problem is a ConfigError naming the file, the key and what is allowed."""
-    unknown = sorted(set(data) - {"figure", *tables})
+def experiment_tables(data: dict, kind: str, file: str, *classes, extra: tuple[str, ...] = ()) -> dict:
+    """Check an experiment TOML of ``kind`` (a figure that is not a network study) against the dataclasses
+    that read it, and return its ``[figure]`` table.
+
+    Each field of ``classes`` declared with ``option(table=...)`` is a key of that table; ``[quick]`` may
+    set any of them (the quick run's values); ``extra`` names tables read by other means (``[pretrain]``).
+    The file may have no other top-level key, and ``figure.kind`` must be ``kind``. Each problem is a
+    ConfigError that names the file, the key and what is allowed. Values are read by :func:`table_values`.
+    """
+    keys = _table_keys(classes)
+    tables = ("figure", *keys, "quick", *extra)
+    unknown = sorted(set(data) - set(tables))
     if unknown:
-        allowed = ", ".join(f"[{table}]" for table in ("figure", *tables))
-        raise ConfigError(f"{file}: unknown top-level key {unknown[0]!r}; allowed: {allowed}")
+        raise _error(file, f"unknown top-level key {unknown[0]!r}; allowed: {', '.join(f'[{t}]' for t in tables)}")
     figure = data.get("figure", {})
     if not isinstance(figure, dict) or figure.get("kind") != kind:
         given = figure.get("kind") if isinstance(figure, dict) else figure
-        raise ConfigError(f'{file}: figure.kind = {given!r} is not allowed; allowed: "{kind}"')
+        raise _error(file, f'figure.kind = {_show(given)} is not allowed; allowed: "{kind}"')
+    for table, names in (*keys.items(), ("quick", [n for names in keys.values() for n in names])):
+        _check_keys(_table(data, table, file), names, file, table, f"[{table}]")
     return figure
+
+
+def table_values(cls, data: dict, file: str, quick: bool = False) -> dict:
+    """The values of ``cls``'s ``option(table=...)`` fields that an experiment TOML sets, each checked like any
+    option; with ``quick``, ``[quick]``'s values of them replace those. Unknown keys are
+    :func:`experiment_tables`'s to report (several classes may read one file)."""
+    keys = _table_keys([cls])
+    own = [name for names in keys.values() for name in names]
+    values = {}
+    for table in (*keys, *(("quick",) if quick else ())):
+        given = {key: value for key, value in _table(data, table, file).items() if key in own}
+        values.update(_values(cls, given, file, table, names=own, what=f"[{table}]"))
+    return values
+
+
+def _table_fields(cls) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(cls) if "table" in f.metadata]
+
+
+def _table_keys(classes) -> dict[str, list[str]]:
+    """``{table: [its keys]}`` of the ``option(table=...)`` fields of ``classes``, in declaration order."""
+    keys = {}
+    for cls in classes:
+        for f in _table_fields(cls):
+            keys.setdefault(f.metadata["table"], []).append(f.name)
+    return keys
 
 
 def loads(text: str, path: str | Path | None = None) -> Study:
@@ -403,9 +461,9 @@ def _layer(table, file: str, where: str) -> LayerConfig:
         layer = dataclasses.replace(layer, init_scale=DYNAMICAL_INIT_SCALE if small else 1.0)
 
     n = min(layer.dims)
-    if layer.init not in ("kaiming", "normal") and layer.type == "dense":
+    if layer.init not in DENSE_INITS and layer.type == "dense":
         raise _error(file, f'{where}.init = "{layer.init}" needs a lowrank or dynamical layer; '
-                           f'allowed for a dense layer: "kaiming" | "normal"')
+                           f"allowed for a dense layer: {_choices(DENSE_INITS)}")
     if layer.type == "lowrank":
         if layer.rank is None:
             raise _error(file, f"{where}.rank is missing; a lowrank layer needs its rank; allowed: 1..{n}")
@@ -427,18 +485,22 @@ def _layer(table, file: str, where: str) -> LayerConfig:
 # ---------------------------------------------------------------------------------------------
 # Checking values against the dataclass fields
 
-def _values(cls, table: dict, file: str, where: str, aliases: dict | None = None) -> dict:
-    """The keys of `table` as field values of `cls`: names, types, choices and bounds checked."""
+def _values(cls, table: dict, file: str, where: str, aliases: dict | None = None,
+            names: Iterable[str] | None = None, what: str | None = None) -> dict:
+    """The keys of `table` as field values of `cls`: names, types, choices and bounds checked.
+
+    names: the fields the table may set (default: all); what: the table in messages (default
+    ``[settings]`` or ``[[layer]]``)."""
     aliases = aliases or {}
     if not isinstance(table, dict):
         raise _error(file, f"{where} is {_show(table)}; allowed: a table")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls) if names is None or f.name in names}
     hints = typing.get_type_hints(cls)
     values, given_as = {}, {}
     for key, value in table.items():
         name = aliases.get(key, key)
         if name not in fields:
-            what = "[settings]" if cls is Settings else "[[layer]]"
+            what = what or ("[settings]" if cls is Settings else "[[layer]]")
             raise _unknown(key, list(fields) + list(aliases), file, where, what)
         if name in values:
             raise _error(file, f"{where}.{given_as[name]} and {where}.{key} are the same setting; allowed: one of them")
@@ -448,48 +510,83 @@ def _values(cls, table: dict, file: str, where: str, aliases: dict | None = None
 
 
 def _value(value, hint, meta: dict, file: str, key: str):
-    """`value` checked against a type hint and the field's choices/bounds; ints become floats where asked."""
+    """`value` checked against a type hint and the field's checks; ints become floats and lists tuples where asked."""
     if isinstance(hint, types.UnionType):  # X | None
         if value is None:
             return None
         hint = next(h for h in typing.get_args(hint) if h is not type(None))
-    is_int = isinstance(value, int) and not isinstance(value, bool)
-    if hint is bool:
-        ok = isinstance(value, bool)
-    elif hint is int:
-        ok = is_int
-    elif hint is float:
-        ok = is_int or isinstance(value, float)
-        value = float(value) if ok else value
-    elif hint is str:
-        ok = isinstance(value, str)
-    else:  # tuple[int, int]
-        ok = (isinstance(value, (list, tuple)) and len(value) == 2
-              and all(isinstance(v, int) and not isinstance(v, bool) for v in value))
-        value = tuple(value) if ok else value
-    if not ok:
+    if typing.get_origin(hint) is tuple:
+        return _sequence(value, hint, meta, file, key)
+    if not _has_type(value, hint):
         raise _error(file, f"{key} = {_show(value)} has the wrong type; allowed: {_describe(hint, meta)}")
-
-    if "choices" in meta and value not in meta["choices"]:
-        raise _error(file, f"{key} = {_show(value)} is unknown{_suggest(value, meta['choices'])}; "
-                           f"allowed: {_choices(meta['choices'])}")
-    items = [(f"{key}[{i}]", v) for i, v in enumerate(value)] if isinstance(value, tuple) else [(key, value)]
-    for at, v in items:  # bounds apply to each of dims
-        low = ("min" in meta and v < meta["min"]) or ("above" in meta and v <= meta["above"])
-        high = ("max" in meta and v > meta["max"]) or ("below" in meta and v >= meta["below"])
-        if low or high:
-            raise _error(file, f"{at} = {_show(v)} is too {'small' if low else 'large'}; allowed: {_describe(hint, meta)}")
+    value = float(value) if hint is float else value
+    _check_value(value, hint, meta, file, key, key)
     return value
 
 
+def _sequence(value, hint, meta: dict, file: str, key: str) -> tuple:
+    """A TOML list as a tuple: ``tuple[int, int]`` a pair (``dims``), ``tuple[X, ...]`` any length, each element
+    of type X and within the field's checks."""
+    elements = typing.get_args(hint)
+    variadic = elements[-1] is Ellipsis
+    element = elements[0]
+    ok = isinstance(value, list | tuple) and (len(value) == len(elements) if not variadic
+                                               else len(value) > 0 or meta.get("empty", False))
+    if not ok or not all(_has_type(v, element) for v in value):
+        raise _error(file, f"{key} = {_show(value)} has the wrong type; allowed: {_describe(hint, meta)}")
+    value = tuple(float(v) if element is float else v for v in value)
+    for i, v in enumerate(value):
+        _check_value(v, hint, meta, file, f"{key}[{i}]", key)
+    return value
+
+
+def _has_type(value, hint) -> bool:
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    return {bool: isinstance(value, bool), int: is_int, float: is_int or isinstance(value, float),
+            str: isinstance(value, str)}[hint]
+
+
+def _check_value(value, hint, meta: dict, file: str, at: str, key: str) -> None:
+    """One value (or list element, at ``key[i]``) against choices, pattern, bounds and multiple_of."""
+    if "choices" in meta and value not in meta["choices"]:
+        raise _error(file, f"{at} = {_show(value)} is unknown{_suggest(value, meta['choices'])}; "
+                           f"allowed: {_describe(hint, meta)}")
+    if "pattern" in meta and not re.fullmatch(meta["pattern"][0], value):
+        raise _error(file, f"{at} = {_show(value)} is unknown; allowed: {_describe(hint, meta)}")
+    low = ("min" in meta and value < meta["min"]) or ("above" in meta and value <= meta["above"])
+    high = ("max" in meta and value > meta["max"]) or ("below" in meta and value >= meta["below"])
+    if low or high:
+        raise _error(file, f"{at} = {_show(value)} is too {'small' if low else 'large'}; allowed: {_describe(hint, meta)}")
+    if "multiple_of" in meta and value % meta["multiple_of"]:
+        raise _error(file, f"{at} = {_show(value)} is not a multiple of {meta['multiple_of']}; "
+                           f"allowed: {_describe(hint, meta)}")
+
+
 def _describe(hint, meta: dict) -> str:
-    """What a field allows, e.g. 'an integer >= 1', 'a number >= 0 and < 1', '"sgd" | "adam"'."""
+    """What a field allows, e.g. 'an integer >= 1', 'a number >= 0 and < 1', '"sgd" | "adam"',
+    'a non-empty list of integers >= 1'."""
+    if isinstance(hint, types.UnionType):
+        hint = next(h for h in typing.get_args(hint) if h is not type(None))
+    elements = typing.get_args(hint) if typing.get_origin(hint) is tuple else ()
+    if elements and elements[-1] is not Ellipsis:
+        return "a pair of positive integers [in_features, out_features]"
+    element = elements[0] if elements else hint
     if "choices" in meta:
-        return _choices(meta["choices"])
-    kind = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(
-        hint, "a pair of positive integers [in_features, out_features]")
-    bounds = [f"{op} {meta[k]}" for k, op in (("min", ">="), ("above", ">"), ("max", "<="), ("below", "<")) if k in meta]
-    return f"{kind} {' and '.join(bounds)}" if bounds and hint in (int, float) else kind
+        kind = _choices(meta["choices"])
+    elif "pattern" in meta:
+        kind = meta["pattern"][1]
+    else:
+        names = {bool: ("true or false", "true or false"), int: ("an integer", "integers"),
+                 float: ("a number", "numbers"), str: ("a string", "strings")}
+        kind = names[element][1 if elements else 0]
+        bounds = [f"{op} {meta[k]}" for k, op in (("min", ">="), ("above", ">"), ("max", "<="), ("below", "<"))
+                  if k in meta]
+        if "multiple_of" in meta:
+            bounds.append(f"multiple{'s' if elements else ''} of {meta['multiple_of']}")
+        kind = f"{kind} {' and '.join(bounds)}" if bounds else kind
+    if not elements:
+        return kind
+    return f"a {'' if meta.get('empty') else 'non-empty '}list of {kind}"
 
 
 def _allowed(cls, name: str) -> str:

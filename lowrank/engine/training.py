@@ -1,6 +1,6 @@
-"""The training manager: train one :class:`~lowrank.config.ModelConfig`, keep its history, cache the result.
+"""The training manager: train one :class:`~lowrank.engine.config.ModelConfig`, keep its history, cache the result.
 
-    from lowrank import config, training
+    from lowrank.engine import config, training
     study = config.load("notebooks/configs/fig.toml")
     result = training.train(study.models[0])       # trains, or returns the cached result
     result.history                                 # pandas DataFrame, one row per epoch
@@ -18,7 +18,7 @@ The loop, per batch ``(x, y)`` (the optimiser contract of :func:`lowrank.optim.b
 the history's losses are the cross-entropy alone, as with the optimiser's ``weight_decay``.
 
 Warm start (``settings.warm_start_epochs = k > 0``): epochs ``1..k`` train the dense twin of the network
-(:meth:`lowrank.config.ModelConfig.dense_twin`, every layer dense, from the same seed); at the end of
+(:meth:`lowrank.engine.config.ModelConfig.dense_twin`, every layer dense, from the same seed); at the end of
 epoch ``k``, :func:`warm_start` sets each factorised layer of rank ``r`` to the truncated SVD of the
 trained dense ``W = P Sigma Q^T``: ``U = P_r, S = Sigma_r, V = Q_r`` (``U = P_r Sigma_r^{1/2}``,
 ``V = Q_r Sigma_r^{1/2}`` for ``W = U V^T``), copies the biases and the dense layers, and starts a new
@@ -58,19 +58,19 @@ only, timings 0), so curves start at the initial loss:
     starts from; at the end of the last warm-up epoch the network is already factorised, its columns above
     say so), ``"fine-tune"`` for the fixed-rank epochs after ``num_epochs``, ``"train"`` otherwise.
 ``nc1_0``, ... (only with ``settings.track_layers``)
-    the within-class variability NC1 (:func:`lowrank.analysis.nc1`) of each layer's input features, on
+    the within-class variability NC1 (:func:`lowrank.metrics.nc1`) of each layer's input features, on
     the first :data:`FEATURE_SAMPLE` training images (``nc1_0``: the pixels).
 
-Results cache: a finished run lives in ``<results_dir>/<name>-<cache key>/`` (:mod:`lowrank.store`: the run
+Results cache: a finished run lives in ``<results_dir>/<name>-<cache key>/`` (:mod:`lowrank.engine.store`: the run
 folder, its files, the lock, the checkpoint and the atomic writes). While training, ``checkpoint.pt`` holds
 the state after the last finished epoch (model, optimiser, history, RNG states); ``train`` resumes from it
 and deletes it when the run is done.
 
 Several processes (``torchrun --nproc_per_node=N -m lowrank train``): data-parallel, each process on its shard
 of every batch of ``N * batch_size`` images, gradients averaged after each backward pass; rank 0 writes the
-files, in ``<name>-<cache key>-<N>proc/``. See :mod:`lowrank.distributed`.
+files, in ``<name>-<cache key>-<N>proc/``. See :mod:`lowrank.engine.distributed`.
 
-Reproducibility (:mod:`lowrank.determinism`): the seed is set before the model is built and every epoch's
+Reproducibility (:mod:`lowrank.engine.determinism`): the seed is set before the model is built and every epoch's
 batch order is a function of ``(seed, epoch)``, so a run resumed at an epoch boundary sees the same batches as
 an uninterrupted one and its history is identical except for the timing columns. Training runs on ``threads``
 CPU threads (default 1: faster for these small networks) with deterministic algorithms; both settings, and
@@ -93,9 +93,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from lowrank import __version__, distributed, metrics, regularizers, store
-from lowrank.config import ModelConfig
-from lowrank.determinism import default_dtype, rng_state, run_settings, seed_epoch, set_rng_state
+from lowrank import __version__, metrics, regularizers
+from lowrank.engine import distributed, store
+from lowrank.engine.config import ModelConfig
+from lowrank.engine.determinism import default_dtype, rng_state, run_settings, seed_epoch, set_rng_state
 from lowrank.network import NeuralNetwork
 from lowrank.optim import build_optimizer
 
@@ -160,7 +161,7 @@ def resolve_device(device: str) -> torch.device:
 def evaluate(model: nn.Module, loader, device: torch.device | str = "cpu") -> tuple[float, float]:
     """``(mean cross-entropy, accuracy)`` of ``model`` over every image of ``loader``, in eval mode.
 
-    In a :mod:`lowrank.distributed` group this is collective: each process evaluates every N-th batch and the
+    In a :mod:`lowrank.engine.distributed` group this is collective: each process evaluates every N-th batch and the
     sums are added up, so every process returns the same numbers.
     """
     world = distributed.World.current()
@@ -212,17 +213,17 @@ def train(
 
     Args:
         config: the model and its settings.
-        results_dir: root of the results cache (default :func:`lowrank.store.default_results_dir`).
+        results_dir: root of the results cache (default :func:`lowrank.engine.config.default_results_dir`).
         force: train again even if a result or a checkpoint exists (both are replaced).
         progress: show a tqdm bar per epoch (loss, ranks); default: only if stderr is a terminal.
         on_epoch: called with each history row (a dict; epoch 0 included) after its checkpoint is saved.
         threads: ``torch.set_num_threads`` during training (restored afterwards).
-        data_root: a folder of IDX files to read instead of :mod:`lowrank.data`'s cache (``root=`` there).
+        data_root: a folder of IDX files to read instead of :mod:`lowrank.engine.data`'s cache (``root=`` there).
 
     Raises:
         TrainingDivergedError: the loss became NaN or infinite (the checkpoint of the last good epoch stays).
     """
-    world = distributed.World.current()  # this process and the others of a torchrun group (lowrank.distributed)
+    world = distributed.World.current()  # this process and the others of a torchrun group (lowrank.engine.distributed)
     folder = store.run_dir(config, results_dir, world.size)
     if not force and (cached := load_result(config, results_dir)) is not None:
         return cached
@@ -248,7 +249,7 @@ def _train(
     show = sys.stderr.isatty() if progress is None else progress
     settings = config.settings
     device = resolve_device(settings.device)
-    from lowrank import data  # imported here: the data module is only needed to train
+    from lowrank.engine import data  # imported here: the data module is only needed to train
 
     warm_up = settings.warm_start_epochs  # epochs 1..warm_up train the dense twin
     with run_settings(threads, device), default_dtype(settings.dtype):
@@ -374,7 +375,7 @@ def _train_epoch(world: distributed.World, model, optimizer, batches, device, co
                 first_logits.append(logits.detach())
             penalty = regularizers.penalty(model, factor_decay, frobenius_decay) if regularised else None
             (loss if penalty is None else loss + penalty).backward()
-            # Several processes: gradients and loss averaged over them, so all agree on the check (lowrank.distributed).
+            # Several processes: gradients and loss averaged over them, so all agree on the check (lowrank.engine.distributed).
             mean_loss = world.average_gradients(model, loss)
             if not torch.isfinite(mean_loss):
                 raise TrainingDivergedError(config.name, epoch, batch, lr, mean_loss.item())
@@ -431,10 +432,8 @@ def _row(model: NeuralNetwork, epoch: int, trained: tuple[float, float], validat
                 for i, sigma in enumerate(sigmas)})
     row["phase"] = phase
     if probe is not None:
-        from lowrank.analysis import layer_inputs, nc1
-
-        features = layer_inputs(model, probe[0])
-        row.update({f"nc1_{i}": nc1(h, probe[1]) for i, h in enumerate(features)})
+        features = model.layer_inputs(probe[0])
+        row.update({f"nc1_{i}": metrics.nc1(h, probe[1]) for i, h in enumerate(features)})
     if spectra is not None:
         spectra.extend((epoch, i, k, value) for i, sigma in enumerate(sigmas) for k, value in enumerate(sigma.tolist()))
     return row
@@ -455,12 +454,12 @@ def _synchronize(device: torch.device) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Saving (lowrank.store)
+# Saving (lowrank.engine.store)
 
 def _save_checkpoint(world: distributed.World, folder: Path, config: ModelConfig, model, optimizer,
                      history: list[dict], loader, spectra: list | None = None) -> None:
     """The state after the last finished epoch: model, optimiser, history, RNG states (and spectra)."""
-    if not world.main:  # one writer (lowrank.distributed)
+    if not world.main:  # one writer (lowrank.engine.distributed)
         return
     checkpoint = {
         "config": config.to_dict(),

@@ -1,6 +1,6 @@
 """Matplotlib figures and summary tables of training results, used by the figure notebooks.
 
-Every function takes a list of :class:`lowrank.training.TrainingResult` (``name``, ``history``,
+Every function takes a list of :class:`lowrank.engine.training.TrainingResult` (``name``, ``history``,
 ``test_accuracy``, ...) and returns a ``matplotlib.figure.Figure`` or a pandas ``DataFrame``.
 """
 
@@ -13,7 +13,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from lowrank.report import Seconds, hidden_rank_columns, seed_groups, seed_statistics
+from lowrank.engine.summary import Seconds, hidden_rank_columns, seed_groups, seed_statistics
 
 CURVES = (("train_loss", "training loss"), ("val_loss", "validation loss"),
           ("train_accuracy", "training accuracy"), ("val_accuracy", "validation accuracy"))
@@ -28,7 +28,7 @@ def label(result) -> str:
 def summary_table(results: Sequence, readable: bool = True) -> pd.DataFrame:
     """One row per model: test accuracy, parameters, compression, FLOPs, ranks and training time.
 
-    ``readable``: the training time as text (``"12.3 s"``, see :class:`lowrank.report.Seconds`), for display;
+    ``readable``: the training time as text (``"12.3 s"``, see :class:`lowrank.engine.summary.Seconds`), for display;
     otherwise as a number of seconds, for plotting.
     """
     rows = []
@@ -50,7 +50,7 @@ def summary_table(results: Sequence, readable: bool = True) -> pd.DataFrame:
 
 def seed_table(results: Sequence) -> pd.DataFrame:
     """One row per model of a figure with ``[figure] seeds``: mean test accuracy, its half-range over the seeds,
-    each seed's final hidden ranks, mean compression and mean training time (:func:`lowrank.report.seed_statistics`)."""
+    each seed's final hidden ranks, mean compression and mean training time (:func:`lowrank.engine.summary.seed_statistics`)."""
     rows = []
     for name, members in seed_groups(results).items():
         stats = seed_statistics(members)
@@ -278,7 +278,7 @@ def spectrum_evolution(result, tolerance: float | None = 1e-3) -> Figure:
 
 
 def truncation_curves(tables: dict[str, pd.DataFrame]) -> Figure:
-    """From :func:`lowrank.analysis.truncation_table` per model: accuracy lost and kept parameters vs tolerance."""
+    """From :func:`lowrank.engine.experiments.analysis.truncation_table` per model: accuracy lost and kept parameters vs tolerance."""
     fig, axes = _panels(2)
     for i, (name, table) in enumerate(tables.items()):
         axes[0].plot(table["eps"], 100 * table["accuracy_lost"], marker="o", color=f"C{i % 10}", label=name)

@@ -39,13 +39,13 @@ or drops clusters of nearly equal singular values whole, so rounding does not ch
 (:func:`lowrank.optim.truncated_rank`).
 
 Metrics: the training loss and accuracy are sums over each process's shards, added up over processes at the
-end of the epoch; :func:`lowrank.training.evaluate` lets each process evaluate every N-th batch and adds up the
+end of the epoch; :func:`lowrank.engine.training.evaluate` lets each process evaluate every N-th batch and adds up the
 sums; the timing columns are the slowest process's. Every process returns the same
-:class:`~lowrank.training.TrainingResult`.
+:class:`~lowrank.engine.training.TrainingResult`.
 
 Files: rank 0 alone writes checkpoints and the result; the others wait for it at the end. Every process reads
 the same checkpoint to resume, so the results directory must be shared (one machine, or a shared file system).
-A run of N > 1 processes lives in ``<name>-<cache key>-<N>proc/`` (:func:`lowrank.store.run_dir`): its
+A run of N > 1 processes lives in ``<name>-<cache key>-<N>proc/`` (:func:`lowrank.engine.store.run_dir`): its
 global batch is N times ``batch_size``, so it must not be taken for the one-process run of the same config;
 ``result.json`` records ``"processes": N``.
 
@@ -217,7 +217,7 @@ class _Shards:
 
     def __len__(self) -> int:
         count = len(self.batches)
-        # lowrank.data's loaders batch with a BatchSampler as their sampler: the last batch holds the rest.
+        # lowrank.engine.data's loaders batch with a BatchSampler as their sampler: the last batch holds the rest.
         batch_size = getattr(getattr(self.batches, "sampler", None), "batch_size", None)
         dataset = getattr(self.batches, "dataset", None)
         if count and isinstance(batch_size, int) and dataset is not None:

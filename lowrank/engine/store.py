@@ -3,7 +3,7 @@
 A finished run lives in ``<results_dir>/<name>-<cache key>/`` (``ModelConfig.cache_key()`` hashes the
 resolved config and lowrank's version; a run of ``N > 1`` processes ends in ``-<N>proc``):
 
-- ``history.csv``: one row per epoch (:mod:`lowrank.training`);
+- ``history.csv``: one row per epoch (:mod:`lowrank.engine.training`);
 - ``model.pt``: the final ``state_dict`` (CPU tensors; load with ``torch.load(..., weights_only=True)``);
 - ``spectra.csv`` (only with ``settings.track_layers``): every layer's singular values after every epoch;
 - ``result.json``: test loss and accuracy, the config, versions, device; written last, it marks the run done;
@@ -32,10 +32,9 @@ from typing import Any, BinaryIO
 import pandas as pd
 import torch
 
-from lowrank import distributed
-from lowrank.config import ModelConfig
+from lowrank.engine import distributed
+from lowrank.engine.config import ModelConfig, default_results_dir
 
-RESULTS_ENV = "LOWRANK_RESULTS"
 HISTORY_FILE, MODEL_FILE, RESULT_FILE, CHECKPOINT_FILE = "history.csv", "model.pt", "result.json", "checkpoint.pt"
 SPECTRA_FILE, LOCK_FILE = "spectra.csv", "lock"
 # read_csv gives back exactly the floats to_csv wrote: pandas >= 3 by default, older ones when asked.
@@ -64,15 +63,10 @@ def atomic_write(path: str | Path) -> Iterator[BinaryIO]:
         raise
 
 
-def default_results_dir() -> Path:
-    """``$LOWRANK_RESULTS`` if set, else ``./results``."""
-    return Path(os.environ.get(RESULTS_ENV) or "results")
-
-
 def run_dir(config: ModelConfig, results_dir: str | Path | None = None, processes: int | None = None) -> Path:
     """The folder of ``config``'s run: ``<results_dir>/<name>-<cache key>`` (odd characters of the name -> ``_``).
 
-    A run of ``processes > 1`` (default: those of the current :mod:`lowrank.distributed` group) trains with
+    A run of ``processes > 1`` (default: those of the current :mod:`lowrank.engine.distributed` group) trains with
     ``processes * batch_size`` images a step: its folder ends in ``-<processes>proc``.
     """
     root = Path(results_dir) if results_dir is not None else default_results_dir()

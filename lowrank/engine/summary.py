@@ -1,0 +1,228 @@
+"""What the figure notebooks show and glue into the book: durations, seed statistics, verdicts.
+
+Every function here reads trained results (``lowrank.engine.training.TrainingResult``) or tables made from
+them and returns text, numbers or tables; the notebooks only call them and plot. Numbers go into the book
+with myst-nb's ``glue``, so that no number in the text is typed by hand.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pandas as pd
+
+from lowrank.engine import config as cfg
+
+
+class Seconds(float):
+    """A duration that prints as ``12.3 s``: how timings are glued into the book and shown in tables.
+
+    Every timing a notebook shows has this form, so nbval's sanitize rule (``tests/nbval_sanitize.cfg``)
+    can replace timings, and only timings, before comparing outputs.
+    """
+
+    def __repr__(self) -> str:
+        return f"{float(self):.1f} s"
+
+    __str__ = __repr__
+
+
+class Text:
+    """Text glued into the book as it is (a glued ``str`` would show its quotes)."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+def glue_names(key: str, names) -> None:
+    """Glue a list of names as ``"a, b and c"`` (``"none"`` when empty) under ``key``."""
+    from myst_nb import glue
+
+    names = list(names)
+    text = "none" if not names else names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+    glue(key, Text(text), display=False)
+
+
+def slug(name: str) -> str:
+    """``"dynamical tau=0.1"`` -> ``"dynamical_tau_0_1"``: a model name as part of a glue key."""
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+
+
+def hidden_rank_columns(history) -> list[str]:
+    """The ``rank_<i>`` columns of a history for every layer but the output layer."""
+    return [c for c in history.columns if c.startswith("rank_")][:-1]
+
+
+def glue_results(prefix: str, results) -> None:
+    """Glue each model's headline numbers for the book's prose, as ``{prefix}_{slug(name)}_{metric}``.
+
+    Metrics: ``test_accuracy`` (%, 2 decimals), ``parameters``, ``compression`` (%, 1 decimal),
+    ``seconds`` (training time, :class:`Seconds`), and three lists over the hidden layers (every layer but
+    the output layer): ``ranks`` (final ranks), ``initial_ranks`` (ranks of the untrained network) and
+    ``max_ranks`` (the largest rank each may reach: ``r_max`` of a dynamical layer, the fixed rank of a
+    lowrank one, ``min(dims)`` of a dense one).
+    """
+    from myst_nb import glue
+
+    for result in results:
+        key = f"{prefix}_{slug(result.config.name)}"
+        last = result.history.iloc[-1]
+        hidden = hidden_rank_columns(result.history)
+        glue(f"{key}_test_accuracy", round(100 * result.test_accuracy, 2), display=False)
+        glue(f"{key}_parameters", int(last["parameters"]), display=False)
+        glue(f"{key}_compression", round(100 * float(last["compression"]), 1), display=False)
+        glue(f"{key}_seconds", Seconds(last["train_seconds_cum"]), display=False)
+        glue(f"{key}_ranks", [int(last[c]) for c in hidden], display=False)
+        glue_rank_limits(key, result)
+
+
+def epochs_at_max_rank(result) -> int:
+    """How many epochs of ``result`` ended with some hidden layer of a dynamical network at its :func:`max_rank`
+    (``r_max``): the epochs in which the truncation was clamped instead of choosing the rank."""
+    hidden = hidden_rank_columns(result.history)
+    limits = [max_rank(layer) for layer in result.config.layers[:-1]]
+    dynamical = [layer.type == "dynamical" for layer in result.config.layers[:-1]]
+    rows = result.history.iloc[1:]
+    return int(sum(any(flag and int(row[c]) >= limit for c, limit, flag in zip(hidden, limits, dynamical))
+                   for _, row in rows.iterrows()))
+
+
+def glue_rank_limits(key: str, result) -> None:
+    """Glue ``{key}_initial_ranks`` (the hidden ranks of the untrained network), ``{key}_max_ranks``
+    (:func:`max_rank` of each hidden layer) and ``{key}_epochs_at_max_rank`` (:func:`epochs_at_max_rank`)."""
+    from myst_nb import glue
+
+    hidden = hidden_rank_columns(result.history)
+    glue(f"{key}_initial_ranks", [int(result.history.iloc[0][c]) for c in hidden], display=False)
+    glue(f"{key}_max_ranks", [max_rank(layer) for layer in result.config.layers[:-1]], display=False)
+    glue(f"{key}_epochs_at_max_rank", epochs_at_max_rank(result), display=False)
+
+
+def seed_groups(results) -> dict[str, list]:
+    """The results of a figure with ``[figure] seeds``, by model: ``{"dense": [seed 0, seed 1], ...}`` in file
+    order (a name without a ``" seed=<s>"`` suffix is a group of one)."""
+    groups: dict[str, list] = {}
+    for result in results:
+        groups.setdefault(re.sub(r" seed=\d+$", "", result.config.name), []).append(result)
+    return groups
+
+
+def seed_statistics(members) -> dict:
+    """Over the seeds of one model: test accuracy (%) mean and half-range (``spread``), final hidden ranks of
+    each seed, mean compression (%) and mean training seconds."""
+    accuracy = [100 * r.test_accuracy for r in members]
+    lasts = [r.history.iloc[-1] for r in members]
+    hidden = hidden_rank_columns(members[0].history)
+    return {"test_accuracy": sum(accuracy) / len(accuracy), "spread": (max(accuracy) - min(accuracy)) / 2,
+            "ranks": [[int(last[c]) for c in hidden] for last in lasts], "seeds": len(members),
+            "compression": 100 * sum(float(last["compression"]) for last in lasts) / len(lasts),
+            "seconds": sum(float(last["train_seconds_cum"]) for last in lasts) / len(lasts)}
+
+
+def seed_ranks_text(stats: dict) -> str:
+    """Each seed's final hidden ranks of :func:`seed_statistics`, as the book prints them: ``"[47, 50] and [48, 50]"``."""
+    return " and ".join(str(ranks) for ranks in stats["ranks"])
+
+
+def ranks_differ(first: dict, second: dict) -> bool:
+    """Whether two models' final ranks differ beyond their seeds: in some hidden layer, the ranges of the seeds'
+    ranks (``seed_statistics(...)["ranks"]``) do not overlap."""
+    for layer in range(len(first["ranks"][0])):
+        a, b = [ranks[layer] for ranks in first["ranks"]], [ranks[layer] for ranks in second["ranks"]]
+        if max(a) < min(b) or max(b) < min(a):
+            return True
+    return False
+
+
+def ranks_at_least(first: dict, second: dict) -> bool:
+    """Whether ``first``'s final ranks are at least ``second``'s beyond their seeds: in every hidden layer the
+    lowest of ``first``'s seeds is at least the highest of ``second``'s (``seed_statistics(...)["ranks"]``)."""
+    return all(min(ranks[layer] for ranks in first["ranks"]) >= max(ranks[layer] for ranks in second["ranks"])
+               for layer in range(len(first["ranks"][0])))
+
+
+def glue_seed_results(prefix: str, results) -> None:
+    """Glue each model's statistics over its seeds (:func:`seed_statistics`) as ``{prefix}_{slug(model)}_{metric}``:
+    ``test_accuracy`` and ``spread`` (%, 2 decimals), ``ranks`` (each seed's final hidden ranks, as text),
+    ``compression`` (%, 1 decimal), ``seconds`` (mean training time), and ``initial_ranks`` / ``max_ranks``
+    as :func:`glue_results` (the same for every seed)."""
+    from myst_nb import glue
+
+    for name, members in seed_groups(results).items():
+        key, stats = f"{prefix}_{slug(name)}", seed_statistics(members)
+        glue(f"{key}_test_accuracy", round(stats["test_accuracy"], 2), display=False)
+        glue(f"{key}_spread", round(stats["spread"], 2), display=False)
+        glue(f"{key}_ranks", Text(seed_ranks_text(stats)), display=False)
+        glue(f"{key}_compression", round(stats["compression"], 1), display=False)
+        glue(f"{key}_seconds", Seconds(stats["seconds"]), display=False)
+        glue_rank_limits(key, members[0])
+
+
+def trend(first: tuple[float, float], last: tuple[float, float]) -> str:
+    """How a mean changes from ``first`` to ``last`` (each ``(mean, spread)``), judged against the spreads:
+    ``"falls"`` / ``"rises"`` when the change exceeds the sum of the two spreads, else
+    ``"does not change beyond the seed spread"``."""
+    change, noise = last[0] - first[0], first[1] + last[1]
+    if change < -noise:
+        return "falls"
+    if change > noise:
+        return "rises"
+    return "does not change beyond the seed spread"
+
+
+def compare(model: tuple[float, float], reference: tuple[float, float]) -> str:
+    """``model`` against ``reference`` (each ``(mean, spread)``): ``"above"`` / ``"below"`` when the means differ
+    by more than the sum of the two spreads, else ``"within the seed spread of"``."""
+    verdict = trend(reference, model)
+    return {"rises": "above", "falls": "below"}.get(verdict, "within the seed spread of")
+
+
+#: Issue 13's bar for a low-rank network against dense: no more training time, at most this many points lower.
+DENSE_ACCURACY_MARGIN = 0.3
+#: The columns of :func:`basis_interval_table` that depend on the machine's speed (not compared by nbval).
+TIME_COLUMNS = ["train s", "time / dense", "as fast as dense"]
+
+
+def basis_interval_table(stats: dict[str, dict], models: dict[int, str], dense: str,
+                         margin: float = DENSE_ACCURACY_MARGIN) -> pd.DataFrame:
+    """Each basis interval ``k`` of ``models`` (``{k: model name}``, ``k = 1`` among them) judged against ``k = 1``
+    and against ``dense``, from :func:`seed_statistics` of every model (``stats``). One row per ``k``:
+
+    - ``test accuracy (%)``, ``spread``, ``ranks`` (each seed's), ``train s`` (mean over the seeds, as :class:`Seconds` prints it);
+    - ``vs k=1``: :func:`compare` of the accuracies; ``ranks vs k=1``: ``"differ"`` when :func:`ranks_differ`;
+    - ``time / dense``: training time over dense's; ``points below dense``: dense's accuracy minus this one;
+    - ``as fast as dense``: ``"met"`` when ``time / dense <= 1`` and ``points below dense <= margin``.
+
+    The last three depend on the machine's speed (:data:`TIME_COLUMNS`).
+    """
+    baseline, reference = stats[models[1]], stats[dense]
+    rows = []
+    for k, name in sorted(models.items()):
+        model = stats[name]
+        ratio = model["seconds"] / reference["seconds"]
+        below = reference["test_accuracy"] - model["test_accuracy"]
+        rows.append({
+            "k": k, "test accuracy (%)": round(model["test_accuracy"], 2), "spread": round(model["spread"], 2),
+            "ranks": seed_ranks_text(model),
+            "train s": str(Seconds(model["seconds"])),
+            "vs k=1": compare((model["test_accuracy"], model["spread"]), (baseline["test_accuracy"], baseline["spread"])),
+            "ranks vs k=1": "differ" if ranks_differ(model, baseline) else "do not differ",
+            "time / dense": round(ratio, 2), "points below dense": round(below, 2),
+            "as fast as dense": "met" if ratio <= 1 and below <= margin else "missed",
+        })
+    return pd.DataFrame(rows).set_index("k")
+
+
+def largest_equivalent_interval(table: pd.DataFrame) -> int:
+    """The largest ``k`` of a :func:`basis_interval_table` whose accuracy is not below ``k = 1``'s beyond the seed
+    spread and whose ranks do not differ from ``k = 1``'s (1 if no other ``k`` is)."""
+    same = table[(table["vs k=1"] != "below") & (table["ranks vs k=1"] == "do not differ")]
+    return int(same.index.max())
+
+
+def max_rank(layer: cfg.LayerConfig) -> int:
+    """The largest rank ``layer`` can have: ``r_max`` (dynamical), ``rank`` (lowrank), ``min(dims)`` (dense)."""
+    return {"dynamical": layer.r_max, "lowrank": layer.rank}.get(layer.type, min(layer.dims))

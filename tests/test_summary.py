@@ -1,0 +1,119 @@
+"""What notebooks show and glue (lowrank.engine.summary): durations, seed statistics, verdicts."""
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pandas as pd
+
+from lowrank.engine import config, summary
+
+
+def test_glued_values_print_as_the_book_shows_them():
+    assert repr(summary.Seconds(12.345)) == "12.3 s"
+    assert repr(summary.Text("dense and vanilla r=20")) == "dense and vanilla r=20"
+    assert summary.slug("dynamical tau=0.1") == "dynamical_tau_0_1"
+
+
+def test_glue_results_gives_each_models_numbers_and_its_hidden_layers_ranks(monkeypatch):
+    import myst_nb
+
+    from lowrank.engine.training import TrainingResult
+
+    model = config.loads(
+        """
+        [[layer]]
+        type = "dynamical"
+        dims = [784, 64]
+        rank = 32
+        r_max = 48
+        [[layer]]
+        type = "lowrank"
+        dims = [64, 64]
+        rank = 8
+        [[layer]]
+        type = "dense"
+        dims = [64, 10]
+        activation = "identity"
+        """,
+        "dlrt net.toml",
+    ).models[0]
+    history = pd.DataFrame({
+        "epoch": [0, 1], "parameters": [1000, 900], "compression": [0.5, 0.55], "train_seconds_cum": [0.0, 3.25],
+        "rank_0": [32, 20], "rank_1": [8, 8], "rank_2": [10, 10],
+    })
+    result = TrainingResult(model, history, test_loss=0.1, test_accuracy=0.98765, model=None, path=Path("."))
+    glued = {}
+    monkeypatch.setattr(myst_nb, "glue", lambda key, value, display=True: glued.__setitem__(key, value))
+    summary.glue_results("fig_z", [result])
+    key = f"fig_z_{summary.slug(model.name)}"
+    assert glued[f"{key}_test_accuracy"] == 98.77
+    assert (glued[f"{key}_parameters"], glued[f"{key}_compression"]) == (900, 55.0)
+    assert repr(glued[f"{key}_seconds"]) == "3.2 s"
+    assert glued[f"{key}_ranks"] == [20, 8]
+    assert glued[f"{key}_initial_ranks"] == [32, 8]
+    assert glued[f"{key}_max_ranks"] == [48, 8]
+
+
+def test_trend_and_compare_count_a_change_only_beyond_the_sum_of_the_seed_spreads():
+    assert summary.trend((97.0, 0.1), (96.5, 0.2)) == "falls"
+    assert summary.trend((97.0, 0.3), (96.5, 0.3)) == "does not change beyond the seed spread"
+    assert summary.trend((96.5, 0.1), (97.0, 0.1)) == "rises"
+    assert summary.compare((97.5, 0.1), (97.0, 0.1)) == "above"
+    assert summary.compare((96.5, 0.1), (97.0, 0.1)) == "below"
+    assert summary.compare((97.1, 0.1), (97.0, 0.1)) == "within the seed spread of"
+
+
+def test_ranks_differ_when_some_layer_s_seed_ranges_do_not_overlap():
+    first = {"ranks": [[40, 50], [42, 51]]}
+    assert summary.ranks_differ(first, {"ranks": [[41, 53], [40, 52]]})  # second layer: 50-51 against 52-53
+    assert not summary.ranks_differ(first, {"ranks": [[42, 51], [44, 49]]})  # both layers overlap
+    assert not summary.ranks_differ(first, first)
+
+
+def test_ranks_at_least_needs_every_layer_s_lowest_seed_at_or_above_the_other_s_highest():
+    k1 = {"ranks": [[47, 52], [46, 47]]}
+    assert summary.ranks_at_least({"ranks": [[61, 72], [52, 70]]}, k1)
+    assert not summary.ranks_at_least({"ranks": [[61, 72], [46, 70]]}, k1)  # layer 0: 46 < 47
+    assert summary.ranks_at_least(k1, k1) is False and summary.ranks_at_least({"ranks": [[47, 52]]}, {"ranks": [[47, 52]]})
+
+
+def test_epochs_at_max_rank_counts_the_epochs_a_dynamical_layer_ends_clamped_at_r_max():
+    model = config.loads("""
+[[layer]]
+type = "dynamical"
+dims = [784, 64]
+rank = 16
+r_max = 32
+[[layer]]
+type = "dense"
+dims = [64, 10]
+activation = "identity"
+""").models[0]
+    history = pd.DataFrame({"epoch": [0, 1, 2, 3], "rank_0": [16, 32, 32, 30], "rank_1": [10, 10, 10, 10]})
+    assert summary.epochs_at_max_rank(SimpleNamespace(config=model, history=history)) == 2
+    history["rank_0"] = [32, 31, 20, 12]  # the untrained network (epoch 0) does not count
+    assert summary.epochs_at_max_rank(SimpleNamespace(config=model, history=history)) == 0
+
+
+def test_basis_intervals_are_judged_against_k_1_and_against_dense():
+    def stats(accuracy, spread, ranks, seconds):
+        return {"test_accuracy": accuracy, "spread": spread, "ranks": ranks, "seconds": seconds}
+
+    models = {1: "k=1", 2: "k=2", 5: "k=5", 10: "k=10"}
+    table = summary.basis_interval_table({
+        "dense": stats(98.0, 0.05, [[512, 512], [512, 512]], 20.0),
+        "k=1": stats(97.9, 0.05, [[47, 50], [48, 50]], 50.0),
+        "k=2": stats(97.85, 0.05, [[47, 51], [48, 50]], 30.0),  # within the spread of k=1 (0.05 <= 0.05 + 0.05)
+        "k=5": stats(97.75, 0.05, [[47, 50], [49, 50]], 19.0),  # 0.15 below k=1: below; 0.25 below dense
+        "k=10": stats(97.85, 0.02, [[30, 31], [30, 32]], 15.0),  # ranks differ from k=1's
+    }, models, "dense")
+    assert list(table.index) == [1, 2, 5, 10]
+    assert list(table["vs k=1"]) == ["within the seed spread of", "within the seed spread of", "below",
+                                     "within the seed spread of"]
+    assert list(table["ranks vs k=1"]) == ["do not differ", "do not differ", "do not differ", "differ"]
+    assert list(table["time / dense"]) == [2.5, 1.5, 0.95, 0.75]
+    assert list(table["as fast as dense"]) == ["missed", "missed", "met", "met"]
+    assert table.loc[1, "ranks"] == "[47, 50] and [48, 50]" and table.loc[1, "train s"] == "50.0 s"
+    assert summary.largest_equivalent_interval(table) == 2
+    table.loc[2, "vs k=1"] = "below"
+    assert summary.largest_equivalent_interval(table) == 1
