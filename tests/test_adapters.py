@@ -233,3 +233,46 @@ def test_a_pretrain_error_names_its_key_path_from_the_top_of_the_file(tmp_path):
     path.write_text(PRETRAIN.replace("num_epochs = 1", "num_epochs = 0"))
     with pytest.raises(ConfigError, match=r"bad\.toml: pretrain\.settings\.num_epochs = 0 is too small"):
         ad.load_experiment(path)
+
+
+def adapter_results(selected: tuple[float, float], uniform: tuple[float, float], output_mass: float
+                    ) -> "ad.AdapterResults":
+    """What run_experiment returns, made by hand: accuracies as (min, max) over the seeds, in %."""
+    import pandas as pd
+
+    experiment = ad.load_experiment(CONFIG, quick=True)
+    names = ("bilevel", "bilevel, pruned", "selected ranks", "uniform ranks", "oracle ranks")
+    ranges = {"bilevel": (80.0, 80.0), "bilevel, pruned": (80.5, 80.5), "selected ranks": selected,
+              "uniform ranks": uniform, "oracle ranks": (81.0, 81.0)}
+    models = pd.DataFrame([dict(model=n, ranks=[4, 2, 9], total_rank=15, parameters=100, runs=3,
+                                test_accuracy=sum(ranges[n]) / 200, accuracy_min=ranges[n][0] / 100,
+                                accuracy_max=ranges[n][1] / 100) for n in names])
+    history = pd.DataFrame({"step": [0, 1, 2], "kind": ["fw", "drop", "fw"], "mass_0": [1.0, 1.0, 1.0],
+                            "mass_1": [1.0, 1.0, 1.0], "mass_2": [1.0, 1.0, output_mass]})
+    weights = pd.DataFrame({"layer": [0, 1, 2], "index": [0, 0, 0], "s": [1.0, 1.0, output_mass]})
+    return ad.AdapterResults(models, history, weights, {"pretraining task": 0.98, "shifted task": 0.1},
+                             {"pretraining": 1.0}, experiment, exact_fix=torch.tensor([1.0] * 9 + [1e-9]))
+
+
+@pytest.mark.parametrize("selected, uniform, gap_verdict, closing", [
+    ((79.0, 79.5), (78.0, 78.9), "the selected ranks are ahead with every seed", "beat uniform ranks"),
+    ((78.0, 78.9), (79.0, 79.5), "the uniform ranks are ahead with every seed", "fall behind uniform ranks"),
+    ((78.0, 79.5), (79.0, 80.0), "the accuracies of the two overlap across the seeds", "within each other's spread"),
+])
+def test_figure_k_compares_the_selected_and_uniform_ranks_seed_by_seed(selected, uniform, gap_verdict, closing):
+    values = ad.findings(adapter_results(selected, uniform, output_mass=8.0), "fig_z")
+    assert values["fig_z_gap_verdict"].text == gap_verdict and closing in values["fig_z_closing"].text
+    assert values["fig_z_share_2"] == 80.0 and values["fig_z_allocation_verdict"].text.startswith("most of the budget")
+    assert values["fig_z_output_rank"] == 9 and values["fig_z_output_rank_verdict"].text == "equal to"  # rank of the fix
+    assert (values["fig_z_drops"], values["fig_z_fw_steps"]) == (1, 2)
+    assert values["fig_z_bilevel_vs_fixed"].text == "not ahead of the best training at fixed ranks"  # oracle: 81
+
+
+def test_figure_k_says_when_the_budget_did_not_go_to_the_output_layer():
+    values = ad.findings(adapter_results((79.0, 79.5), (78.0, 78.9), output_mass=1.0), "fig_z")
+    assert values["fig_z_allocation_verdict"].text == "the budget did not go mainly where the exact correction lives"
+    assert "did not move" in values["fig_z_opening"].text
+    results = adapter_results((79.0, 79.5), (78.0, 78.9), output_mass=1.0)
+    assert ad.setting_values(results, "fig_z")["fig_z_fix_rank"] == 9
+    assert ad.layer_names(results.experiment) == ["layer 1 (784 x 256)", "layer 2 (256 x 256)", "layer 3 (256 x 10)"]
+    assert list(ad.model_table(results).columns)[-2:] == ["test accuracy % (mean)", "min - max %"]

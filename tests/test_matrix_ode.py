@@ -1,6 +1,7 @@
 """Dynamical low-rank approximation of a matrix ODE: the test problem, the integrators, the config file."""
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -126,3 +127,26 @@ def test_report_rejects_an_unknown_figure_kind(tmp_path):
     path.write_text('[figure]\nkind = "spline"\n')
     with pytest.raises(ConfigError, match=r'figure\.kind = "spline" is unknown; allowed: "network" \| "matrix-ode"'):
         report.validate(path)
+
+
+def test_the_findings_agree_with_the_largest_stable_steps():
+    experiment = matrix_ode.OdeExperiment(n=10, rank=2, sigma_min=(1e-2, 1e-6), steps=(0.1, 0.05), outputs=2,
+                                          methods=matrix_ode.COMPARED)
+    table = matrix_ode.run_experiment(experiment)
+    with pytest.raises(ValueError, match="lacks \\['projector-splitting'\\]"):
+        matrix_ode.findings(replace(experiment, methods=matrix_ode.COMPARED[:-1]), table, "fig_z")
+    values, largest = matrix_ode.findings(experiment, table, "fig_z")
+    works = matrix_ode.largest_steps(experiment, table)
+    assert list(largest.index) == list(experiment.methods)
+    for method in experiment.methods:
+        for s in experiment.sigma_min:
+            h = works[method][s]
+            assert largest.loc[method, f"sigma_min = {s:g}"] == ("none" if h is None else f"{h:g}")
+    assert works["direct-euler"][1e-6] is None  # as test_run_experiment_gives_a_tidy_table
+    assert values["fig_z_euler_verdict"].text.endswith("for σ_min = 1e-06")
+    split_ok = all(works[m][s] == 0.1 for m in matrix_ode.COMPARED[2:] for s in experiment.sigma_min)
+    assert (values["fig_z_split_verdict"].text == "every split integrator worked at every step size and every σ_min") == split_ok
+    assert values["fig_z_kls_h"] == 0.05 and values["fig_z_top_sigma"] == 1e-2
+    assert values["fig_z_kls_exact_worst"] < 1e-6  # exact substeps: exact for a matrix of rank r, up to epsilon
+    assert matrix_ode.error_table(table).shape == (10, 2)
+    assert matrix_ode.setting_values(experiment, "fig_z")["fig_z_steps"].text == "0.1 and 0.05"

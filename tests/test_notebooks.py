@@ -79,3 +79,15 @@ def test_stored_outputs_reproduce_under_other_cpu_code_paths(stored, tmp_path, c
     run = run_nbval(stored, tmp_path / "notebook", results=tmp_path / "results", env=code_path)
     assert run.returncode == 0, run.stdout[-6000:]
     assert any((tmp_path / "results").glob("*/result.json")), "nothing was trained: the test compared cached results"
+
+
+#: Notebooks call the package and plot; logic (verdicts, tables, findings) lives in lowrank.engine, tested there.
+MAX_CODE_LINES = 40
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "notebooks").glob("fig_*.ipynb")), ids=lambda p: p.stem)
+def test_every_notebook_is_thin(path):
+    cells = [c for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code"]
+    lines = [line for cell in cells for line in cell.source.splitlines() if line.strip()]
+    assert len(lines) <= MAX_CODE_LINES, f"{path.name} has {len(lines)} code lines; move its logic into lowrank.engine"
+    assert not any(line.startswith(("def ", "class ")) for line in lines), f"{path.name} defines functions"

@@ -117,3 +117,31 @@ def test_basis_intervals_are_judged_against_k_1_and_against_dense():
     assert summary.largest_equivalent_interval(table) == 2
     table.loc[2, "vs k=1"] = "below"
     assert summary.largest_equivalent_interval(table) == 1
+
+
+def sweep_result(name: str, seed: int, accuracy: float, ranks: list[int]) -> SimpleNamespace:
+    history = pd.DataFrame({"compression": [0.5], "train_seconds_cum": [1.0],
+                            **{f"rank_{i}": [r] for i, r in enumerate([*ranks, 10])}})
+    return SimpleNamespace(config=SimpleNamespace(name=f"{name} seed={seed}"), test_accuracy=accuracy / 100,
+                           history=history)
+
+
+def test_a_tau_sweep_reads_accuracy_against_the_seed_spread_and_ranks_per_step():
+    def sweep(accuracies: dict[str, float], ranks: dict[str, list[int]]) -> dict:
+        return summary.tau_sweep_values([sweep_result(name, seed, accuracies[name] + 0.1 * seed, ranks[name])
+                                         for name in accuracies for seed in (0, 1)], "fig_z")
+
+    names = ("dense", "dynamical tau=0.05", "dynamical tau=0.1", "dynamical tau=0.2")
+    falling = dict(zip(names, ([500, 500], [80, 60], [50, 40], [20, 30])))
+    values = sweep(dict(zip(names, (98.0, 97.9, 97.5, 96.0))), falling)
+    assert values["fig_z_accuracy_trend"].text == "falls" and values["fig_z_ranks_fall"].text == "fall"
+    assert values["fig_z_layers_differ"].text == "differ" and values["fig_z_gap_tau_0_05"] == 0.1
+    values = sweep(dict(zip(names, (98.0, 97.9, 97.9, 97.95))), falling | {"dynamical tau=0.2": [50, 50]})
+    assert values["fig_z_accuracy_trend"].text == "does not change beyond the seed spread"
+    assert values["fig_z_ranks_fall"].text == "do not fall"  # 90 then 100
+    assert values["fig_z_layers_differ"].text == "do not always differ"  # [50, 50]
+
+
+def test_names_text_joins_with_and():
+    assert summary.names_text([]).text == "none" and summary.names_text(["a"]).text == "a"
+    assert summary.names_text(["a", "b", "c"]).text == "a, b and c"

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
@@ -288,4 +289,46 @@ def truncation_curves(tables: dict[str, pd.DataFrame]) -> Figure:
     for ax in axes:
         ax.grid(alpha=0.3)
     _outside_legend(fig, axes[0])
+    return fig
+
+
+def ode_errors(table: pd.DataFrame, steps: Sequence[float], sigma_mins: Sequence[float],
+               methods: Sequence[str]) -> Figure:
+    """Figure (j): the error to ``X(t)`` over time of each integrator, one panel per step (rows, largest first)
+    and smallest singular value (columns); a run that blew up says so in the legend."""
+    steps = sorted(steps, reverse=True)
+    fig, axes = plt.subplots(len(steps), len(sigma_mins), figsize=(3.2 * len(sigma_mins), 2.4 * len(steps)),
+                             sharex=True, sharey=True, squeeze=False)
+    for (h, s), ax in zip([(h, s) for h in steps for s in sigma_mins], axes.flat):
+        for method, style in zip(methods, ["-o", "-s", "-", "-^", ":"]):
+            run = table[(table.method == method) & (table.step == h) & (table.sigma_min == s) & (table.time > 0)]
+            ax.semilogy(run.time, run.error, style, markersize=3,
+                        label=method + (" (diverged)" if run.diverged.any() else ""))
+        ax.set_title(f"sigma_min = {s:g}, h = {h:g}", fontsize=9)
+    for ax in axes[-1]:
+        ax.set_xlabel("t")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("error to X(t)")
+    axes[0, 0].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def adapter_budget(history: pd.DataFrame, weights: pd.DataFrame, layer_names: Sequence[str], tau: float,
+                   threshold: float) -> Figure:
+    """Figure (k): how the budget ``tau`` is shared between the layers' adapters over the outer steps (left), and
+    the final weights ``s`` of each layer, largest first, against the pruning ``threshold`` (right)."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
+    for i, name in enumerate(layer_names):
+        left.plot(history.step, history[f"mass_{i}"], label=name)
+    left.set(xlabel="outer step", ylabel="sum of s in the layer", title=f"Where the budget tau = {tau:g} goes")
+    left.legend()
+    for i, name in enumerate(layer_names):
+        s = weights[weights.layer == i].s.to_numpy()
+        ranks = np.arange(1, len(s) + 1)
+        right.semilogy(ranks[s > 0], s[s > 0], "o-", markersize=3, label=name)
+    right.axhline(threshold, color="gray", linestyle="--", label="threshold")
+    right.set(xlabel="term (largest first)", ylabel="s_i (non-zero only)", title="Final weights s")
+    right.legend(fontsize=8)
+    fig.tight_layout()
     return fig

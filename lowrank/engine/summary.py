@@ -37,13 +37,30 @@ class Text:
         return self.text
 
 
-def glue_names(key: str, names) -> None:
-    """Glue a list of names as ``"a, b and c"`` (``"none"`` when empty) under ``key``."""
+def glue_all(values: dict[str, object]) -> None:
+    """Glue every ``{key: value}`` into the book, in order, without displaying it (a figure's findings)."""
     from myst_nb import glue
 
+    for key, value in values.items():
+        glue(key, value, display=False)
+
+
+def total_seconds(results) -> Seconds:
+    """The training time of all ``results`` together."""
+    return Seconds(sum(float(r.history["train_seconds_cum"].iloc[-1]) for r in results))
+
+
+def names_text(names) -> Text:
+    """A list of names as ``"a, b and c"`` (``"none"`` when empty)."""
     names = list(names)
-    text = "none" if not names else names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
-    glue(key, Text(text), display=False)
+    return Text("none" if not names else names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1])
+
+
+def glue_names(key: str, names) -> None:
+    """Glue a list of names as :func:`names_text` under ``key``."""
+    from myst_nb import glue
+
+    glue(key, names_text(names), display=False)
 
 
 def slug(name: str) -> str:
@@ -226,3 +243,22 @@ def largest_equivalent_interval(table: pd.DataFrame) -> int:
 def max_rank(layer: cfg.LayerConfig) -> int:
     """The largest rank ``layer`` can have: ``r_max`` (dynamical), ``rank`` (lowrank), ``min(dims)`` (dense)."""
     return {"dynamical": layer.r_max, "lowrank": layer.rank}.get(layer.type, min(layer.dims))
+
+
+def tau_sweep_values(results, prefix: str, reference: str = "dynamical tau=0.05") -> dict[str, object]:
+    """What a sweep of DLRT's tolerance (figure f) shows, over its seeds: whether the accuracy changes from the
+    smallest to the largest tau (:func:`trend`), whether the mean total rank falls at every step of tau,
+    whether every model's hidden layers end at different ranks, and dense's lead over ``reference``."""
+    groups = seed_groups(results)
+    tolerances = [name for name in groups if name.startswith("dynamical")]  # in increasing tau
+    stats = {name: seed_statistics(groups[name]) for name in groups}
+    accuracy = {name: (s["test_accuracy"], s["spread"]) for name, s in stats.items()}
+    mean_ranks = [sum(map(sum, stats[name]["ranks"])) / len(stats[name]["ranks"]) for name in tolerances]
+    layers_differ = all(len(set(ranks)) > 1 for name in tolerances for ranks in stats[name]["ranks"])
+    return {
+        f"{prefix}_accuracy_trend": Text(trend(accuracy[tolerances[0]], accuracy[tolerances[-1]])),
+        f"{prefix}_ranks_fall": Text("fall" if all(a > b for a, b in zip(mean_ranks, mean_ranks[1:])) else "do not fall"),
+        f"{prefix}_layers_differ": Text("differ" if layers_differ else "do not always differ"),
+        f"{prefix}_gap_{slug(reference.removeprefix('dynamical '))}":
+            round(stats["dense"]["test_accuracy"] - stats[reference]["test_accuracy"], 2),
+    }

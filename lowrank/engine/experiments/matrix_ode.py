@@ -36,7 +36,7 @@ exactness property).
 
 Errors are measured at output times against the best rank-``r`` approximation ``X(t)`` and against
 ``A(t)``, in the Frobenius norm; a run whose factors become non-finite or larger than
-:data:`BLOW_UP` is stopped and marked diverged (its later errors are ``inf``).
+:data:`BLOW_UP`, or whose ``S`` becomes singular, is stopped and marked diverged (its later errors are ``inf``).
 
 The experiment of the book's figure (j) is described by a TOML file read with :func:`load_experiment`.
 """
@@ -52,6 +52,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from lowrank.engine import summary
 from lowrank.engine.config import ConfigError, experiment_tables, option, read_toml, table_values
 from lowrank.engine.determinism import torch_threads
 
@@ -308,7 +309,11 @@ def integrate(problem: RotatingMatrix, method: str, h: float, end_time: float = 
         if k > 0 and not diverged:
             for j in range(per_output):
                 t = times[k - 1] + j * h
-                y = step(method, problem, t, y, h)
+                try:
+                    y = step(method, problem, t, y, h)
+                except torch.linalg.LinAlgError:  # S became singular: the direct equations break down
+                    diverged = True
+                    break
                 if _blown_up(y):
                     diverged = True
                     break
@@ -419,3 +424,108 @@ def stable_step(table: pd.DataFrame, method: str, sigma_min: float, tolerance: f
     worst = runs.groupby("step")["error"].max()
     good = worst[(worst < math.inf) & (worst <= tolerance)]
     return float(good.index.max()) if len(good) else None
+
+
+# ---------------------------------------------------------------------------------------------
+# What figure (j) concludes
+
+#: A run works if its error to ``X(t)`` stays at most this at every output time (:func:`stable_step`).
+TOLERANCE = 0.1
+#: The direct methods and their names in the text.
+DIRECT = {"direct-euler": "explicit Euler", "direct-rk4": "fourth-order Runge-Kutta"}
+#: The methods figure (j)'s findings compare.
+COMPARED = (*DIRECT, "kls", "kls-exact", "projector-splitting")
+
+
+def setting_values(experiment: OdeExperiment, prefix: str) -> dict[str, object]:
+    """The problem's size, rank, perturbation, number of runs, and the lists of sigma_min and steps, to glue."""
+    return {**{f"{prefix}_{key}": getattr(experiment, key) for key in ("n", "rank", "epsilon")},
+            f"{prefix}_runs": len(experiment.runs()),
+            f"{prefix}_sigma_mins": summary.names_text([f"{s:g}" for s in experiment.sigma_min]),
+            f"{prefix}_steps": summary.names_text([f"{h:g}" for h in experiment.steps])}
+
+
+def error_table(table: pd.DataFrame) -> pd.DataFrame:
+    """:func:`final_errors` as the book shows it: ``"1.2e-03"``, or ``"diverged"``."""
+    worst = final_errors(table)
+    worst.columns = [f"sigma_min = {s:g}" for s in worst.columns]
+    return worst.map(lambda e: "diverged" if math.isinf(e) else f"{e:.1e}")
+
+
+def largest_steps(experiment: OdeExperiment, table: pd.DataFrame, tolerance: float = TOLERANCE
+                  ) -> dict[str, dict[float, float | None]]:
+    """``{method: {sigma_min: the largest step at which it works, or None}}`` (:func:`stable_step`)."""
+    return {m: {s: stable_step(table, m, s, tolerance) for s in experiment.sigma_min} for m in experiment.methods}
+
+
+def findings(experiment: OdeExperiment, table: pd.DataFrame, prefix: str, tolerance: float = TOLERANCE
+             ) -> tuple[dict[str, object], pd.DataFrame]:
+    """The verdicts of figure (j) and the numbers its text quotes, in glue order, and the table of largest
+    working steps (``"none"`` where no step works).
+
+    Criteria: a direct method fails at a sigma_min where no step works; its largest working step falls with
+    sigma_min if it never rises and falls somewhere; KLS's error does not depend on sigma_min if its largest
+    and smallest (over sigma_min, at the smallest step) differ by less than a factor 1.5; its observed order
+    is 1 if within 0.8..1.2; the direct Runge-Kutta method is the more accurate if its best error is below 1 %
+    of KLS's at the same step.
+    """
+    missing = [m for m in COMPARED if m not in experiment.methods]
+    if missing or len(experiment.steps) < 2:
+        raise ValueError(f"figure (j)'s findings compare {', '.join(COMPARED)} at two steps or more; the experiment "
+                         f"lacks {missing or 'a second step'}")
+    works = largest_steps(experiment, table, tolerance)
+    values = {}
+
+    def text(key: str, value: str) -> None:
+        values[f"{prefix}_{key}"] = summary.Text(value)
+
+    for method, name in DIRECT.items():
+        failed = [f"{s:g}" for s, h in works[method].items() if h is None]
+        text(f"{method.removeprefix('direct-')}_verdict", f"the {name} method worked at none of the step sizes for "
+             "σ_min = " + ", ".join(failed) if failed else f"the {name} method worked at some step size for every σ_min")
+    direct_steps = [[works[m][s] or 0.0 for s in sorted(experiment.sigma_min, reverse=True)] for m in DIRECT]
+    falls = all(a >= b for steps in direct_steps for a, b in zip(steps, steps[1:])) and any(
+        steps[0] > steps[-1] for steps in direct_steps)
+    text("direct_trend", "falls as σ_min falls" if falls else "does not fall steadily with σ_min")
+    split = [m for m in experiment.methods if not m.startswith("direct")]
+    split_fail = sum(works[m][s] != max(experiment.steps) for m in split for s in experiment.sigma_min)
+    text("split_verdict", "every split integrator worked at every step size and every σ_min" if split_fail == 0
+         else f"the split integrators did not work at the largest step in {split_fail} of "
+              f"{len(split) * len(experiment.sigma_min)} cases")
+
+    # KLS with Euler substeps: its error at the smallest step across sigma_min, and its observed order.
+    kls = table[table.method == "kls"].groupby(["step", "sigma_min"])["error"].max().unstack()
+    h1, h2 = sorted(experiment.steps)[:2]
+    spread = float(kls.loc[h1].max() / kls.loc[h1].min())
+    order = float((kls.loc[h2] / kls.loc[h1]).apply(math.log10).mean() / math.log10(h2 / h1))
+    values[f"{prefix}_kls_smallest"] = float(f"{kls.loc[h1].max():.2g}")
+    values[f"{prefix}_kls_h"] = h1
+    values[f"{prefix}_kls_spread"] = round(spread, 2)
+    text("kls_spread_verdict", "it does not depend on the smallest singular value" if spread < 1.5
+         else "it does depend on the smallest singular value")
+    values[f"{prefix}_kls_order"] = round(order, 2)
+    text("kls_order_verdict", "the order 1 of the Euler substeps" if 0.8 < order < 1.2 else
+         "not the order 1 that the Euler substeps would suggest")
+    values[f"{prefix}_kls_exact_worst"] = float(f"{table[table.method == 'kls-exact'].error.max():.2g}")
+    splitting = table[table.method == "projector-splitting"].error.to_numpy()
+    gap = max(abs(a / b - 1) for a, b in zip(splitting, table[table.method == "kls"].error.to_numpy()) if b > 0)
+    values[f"{prefix}_splitting_gap"] = round(100 * float(gap), 1)
+
+    # Where the singular values are not small: the direct Runge-Kutta method against kls at its best step.
+    top = max(experiment.sigma_min)
+    rk4 = table[(table.method == "direct-rk4") & (table.sigma_min == top)].groupby("step")["error"].max()
+    best_h = float(rk4.idxmin())
+    values.update({f"{prefix}_top_sigma": top, f"{prefix}_rk4_best": float(f"{rk4.min():.2g}"),
+                   f"{prefix}_rk4_best_h": best_h, f"{prefix}_kls_at_rk4_best_h": float(f"{kls.loc[best_h, top]:.2g}")})
+    text("accuracy_verdict", "the direct Runge-Kutta method is by far the more accurate"
+         if rk4.min() < 0.01 * kls.loc[best_h, top] else "the direct Runge-Kutta method is not clearly more accurate")
+
+    # Orthonormality of U and V in runs that never diverged.
+    diverged = table.groupby(["method", "step", "sigma_min"]).diverged.transform("max")
+    finite = table[~diverged.astype(bool)]
+    direct = finite.method.str.startswith("direct")
+    values[f"{prefix}_direct_orthonormality"] = float(f"{finite[direct].orthonormality.max():.2g}")
+    values[f"{prefix}_split_orthonormality"] = float(f"{finite[~direct].orthonormality.max():.1g}")
+    largest = pd.DataFrame({m: works[m] for m in experiment.methods}).T
+    largest.columns = [f"sigma_min = {s:g}" for s in largest.columns]
+    return values, largest.map(lambda h: "none" if pd.isna(h) else f"{h:g}")
