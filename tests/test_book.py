@@ -234,3 +234,14 @@ def test_figure_pages_show_every_plot_and_glued_number(built_book, notebook):
     text = " ".join("".join(tags.text).split())
     missing = [key for key in referenced if values[key] not in text]
     assert not missing, f"{notebook.name}: glued values not in the page: {[(k, values[k]) for k in missing]}"
+
+
+def test_the_implementation_chapter_s_example_trains_with_the_library_alone():
+    text = (ROOT / "book" / "implementation.md").read_text(encoding="utf-8")
+    (example,) = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    check = ("\nimport sys\nprint(model.ranks()[0], sorted(m for m in sys.modules if m.startswith('lowrank.engine')))")
+    run = subprocess.run([sys.executable, "-c", "import torch; torch.manual_seed(0)\n" + example + check],
+                         capture_output=True, text=True, check=True)
+    rank, engine = run.stdout.split(" ", 1)
+    assert int(rank) != 32 and 1 <= int(rank) <= 256  # the step adapted the rank
+    assert engine.strip() == "[]"  # the library trained without the experiment engine
