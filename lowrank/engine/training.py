@@ -98,7 +98,7 @@ from lowrank.engine import distributed, store
 from lowrank.engine.config import ModelConfig
 from lowrank.engine.determinism import default_dtype, rng_state, run_settings, seed_epoch, set_rng_state
 from lowrank.network import NeuralNetwork
-from lowrank.optim import build_optimizer
+from lowrank.optim import Optimizers, build_optimizer
 
 TIMING_COLUMNS = ("train_seconds", "epoch_seconds", "train_seconds_cum", "epoch_seconds_cum")
 #: With ``settings.track_layers``: the number of training images (the first ones, in stored order) whose
@@ -259,26 +259,17 @@ def _train(
                               subset=settings.subset, root=data_root, device=str(device),
                               dtype=torch.get_default_dtype())
         probe = _feature_sample(splits.train) if settings.track_layers else None
-        spectra = [] if settings.track_layers else None
         checkpoint = store.load_checkpoint(folder, config)
-        if checkpoint is not None:
-            if warm_up and checkpoint["epoch"] >= warm_up:  # saved after the switch to the factorised network
-                model = _built(config, device)
-            model.load_state_dict(checkpoint["model"])  # before the optimiser: dynamical layers resize
-        optimizer = build_optimizer(model, settings)
-        world.prepare(model, optimizer)  # several processes: rank 0's weights everywhere, DLRT's averaging hook
-        if checkpoint is not None:
-            optimizer.load_state_dict(checkpoint["optimizer"])
-            history = checkpoint["history"]
-            spectra = checkpoint.get("spectra") if settings.track_layers else None
-            set_rng_state(checkpoint["rng"], splits.train)
-        else:
+        if checkpoint is None:  # epoch 0: the untrained network
+            optimizer, spectra = _prepared(world, model, settings), [] if settings.track_layers else None
             seed_epoch(splits.train, settings.seed, 0)
             history = [_row(model, 0, evaluate(model, splits.train, device), evaluate(model, splits.val, device),
                             0.0, 0.0, None, _phase(settings, 0), probe, spectra)]
             _save_checkpoint(world, folder, config, model, optimizer, history, splits.train, spectra)
             if on_epoch is not None:
                 on_epoch(dict(history[0]))
+        else:
+            model, optimizer, history, spectra = _resumed(checkpoint, world, model, config, device, splits.train)
 
         for epoch in range(history[-1]["epoch"] + 1, settings.total_epochs + 1):
             seed_epoch(splits.train, settings.seed, epoch)
@@ -287,13 +278,7 @@ def _train(
                        disable=not show or not world.main, leave=True, dynamic_ncols=True)
             trained, train_seconds, epoch_seconds = _train_epoch(world, model, optimizer, bar, device, config, epoch)
             if epoch == warm_up:  # the end of the dense warm-up: factorise, a new optimiser (timed into this epoch)
-                _synchronize(device)
-                start = time.perf_counter()
-                model = warm_start(config, model).to(device)
-                optimizer = build_optimizer(model, settings)
-                world.prepare(model, optimizer)
-                _synchronize(device)
-                switch = time.perf_counter() - start
+                model, optimizer, switch = _factorised(world, config, model, device)
                 train_seconds, epoch_seconds = train_seconds + switch, epoch_seconds + switch
             validated = evaluate(model, splits.val, device)
             if not np.isfinite(validated[0]):
@@ -327,6 +312,39 @@ def warm_start(config: ModelConfig, dense: NeuralNetwork) -> NeuralNetwork:
     with torch.random.fork_rng(devices=[]):  # building the network draws an initialisation, overwritten below
         model = _built(config, torch.device("cpu"))
     return model.copy_from_dense(dense).train()
+
+
+def _prepared(world: distributed.World, model: NeuralNetwork, settings) -> Optimizers:
+    """The optimisers of ``model`` (:func:`lowrank.optim.build_optimizer`), joined to the process group: rank 0's
+    weights everywhere, DLRT's gradient averaging hooked in."""
+    optimizer = build_optimizer(model, settings)
+    world.prepare(model, optimizer)
+    return optimizer
+
+
+def _resumed(checkpoint: dict, world: distributed.World, model: NeuralNetwork, config: ModelConfig,
+             device: torch.device, batches) -> tuple[NeuralNetwork, Optimizers, list[dict], list | None]:
+    """The network, optimisers, history and spectra of an interrupted run, and its batch order, as saved."""
+    settings = config.settings
+    if settings.warm_start_epochs and checkpoint["epoch"] >= settings.warm_start_epochs:  # after the switch
+        model = _built(config, device)
+    model.load_state_dict(checkpoint["model"])  # before the optimiser: dynamical layers resize
+    optimizer = _prepared(world, model, settings)
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    set_rng_state(checkpoint["rng"], batches)
+    return model, optimizer, checkpoint["history"], checkpoint.get("spectra") if settings.track_layers else None
+
+
+def _factorised(world: distributed.World, config: ModelConfig, dense: NeuralNetwork, device: torch.device
+                ) -> tuple[NeuralNetwork, Optimizers, float]:
+    """The end of a dense warm-up: the configured network set from ``dense`` (:func:`warm_start`), its new
+    optimisers, and the seconds the switch took."""
+    _synchronize(device)
+    start = time.perf_counter()
+    model = warm_start(config, dense).to(device)
+    optimizer = _prepared(world, model, config.settings)
+    _synchronize(device)
+    return model, optimizer, time.perf_counter() - start
 
 
 def _phase(settings, epoch: int) -> str:
