@@ -121,7 +121,8 @@ def compression(model: nn.Module) -> float:
 
 
 def layer_flops(layer: nn.Module) -> int:
-    """FLOPs per sample of one layer's forward pass (see the module docstring for the formulas)."""
+    """FLOPs per sample of one layer's forward pass (see the module docstring for the formulas); for the
+    convolutions of :mod:`lowrank.conv`, whose ``in_features`` is the patch size, per output position."""
     n_in, n_out = layer.in_features, layer.out_features
     if isinstance(layer, Dense):
         products = n_in * n_out

@@ -593,29 +593,57 @@ class Optimizers:
                 opt.load_state_dict(state[name])
 
 
+def dynamical_layers(model: nn.Module) -> list[DynamicalLowRank]:
+    """Every layer of ``model`` that DLRT trains (:class:`~lowrank.layers.DynamicalLowRank` and its convolution,
+    :class:`~lowrank.conv.DynamicalLowRankConv2d`), in module order."""
+    return [m for m in model.modules() if isinstance(m, DynamicalLowRank)]
+
+
+def dlrt_optimizer(model: nn.Module, lr: float = 1e-3, method: str = "adam",
+                   ordinary: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None,
+                   **dlrt_options) -> Optimizers:
+    """:class:`DLRT` for the factors ``U, S, V`` of ``model``'s dynamical layers, paired with a ``torch.optim``
+    optimiser for every other parameter (biases, dense and vanilla low-rank layers, normalisation layers).
+
+    Args:
+        model: any module (a :class:`~lowrank.network.NeuralNetwork`, or one made by :func:`lowrank.convert`).
+        lr, method: the step size and the update rule (``"sgd"`` / ``"adam"``) of both optimisers.
+        ordinary: builds the optimiser of the other parameters from their list; default ``torch.optim.Adam``
+            (the fused kernel where the parameters allow) or ``torch.optim.SGD`` after ``method``, with ``lr``
+            and DLRT's ``momentum`` and ``weight_decay``.
+        dlrt_options: DLRT's other arguments (``momentum``, ``weight_decay``, ``integrator``, ``basis_state``,
+            ``basis_interval``).
+
+    ``step(closure)`` of the result runs the DLRT step, which evaluates the closure, then the other optimiser.
+    """
+    layers = dynamical_layers(model)
+    factors = {id(p) for layer in layers for p in (layer.U, layer.S, layer.V)}
+    rest = [p for p in model.parameters() if id(p) not in factors and p.requires_grad]
+    if ordinary is None:
+        ordinary = _default_optimizer(lr, method, dlrt_options.get("momentum", 0.0),
+                                      dlrt_options.get("weight_decay", 0.0))
+    dlrt = DLRT(layers, lr=lr, method=method, **dlrt_options) if layers else None
+    return Optimizers(ordinary(rest) if rest else None, dlrt)
+
+
+def _default_optimizer(lr: float, method: str, momentum: float, weight_decay: float
+                       ) -> Callable[[list[nn.Parameter]], torch.optim.Optimizer]:
+    def build(params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        if method == "adam":
+            # The fused kernel (one call for all tensors) is several times faster than the default loop on CPU.
+            fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+            return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+    return build
+
+
 def build_optimizer(model: nn.Module, settings: Any) -> Optimizers:
-    """The optimisers for ``model`` from a :class:`lowrank.engine.config.Settings`-like object.
+    """:func:`dlrt_optimizer` for ``model`` from a :class:`lowrank.engine.config.Settings`-like object.
 
     Uses ``settings.learning_rate``, ``optimizer`` (``"sgd"`` / ``"adam"``), ``momentum``,
     ``weight_decay``, ``integrator``, ``basis_state`` and ``basis_interval``.
     """
-    layers = [m for m in model.modules() if isinstance(m, DynamicalLowRank)]
-    factors = {id(p) for layer in layers for p in (layer.U, layer.S, layer.V)}
-    ordinary = [p for p in model.parameters() if id(p) not in factors]
-    lr, decay = settings.learning_rate, settings.weight_decay
-    if not ordinary:
-        ordinary_opt = None
-    elif settings.optimizer == "adam":
-        # The fused kernel (one call for all tensors) is several times faster than the default loop on CPU.
-        fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in ordinary)
-        ordinary_opt = torch.optim.Adam(ordinary, lr=lr, weight_decay=decay, fused=fused or None)
-    else:
-        ordinary_opt = torch.optim.SGD(ordinary, lr=lr, momentum=settings.momentum, weight_decay=decay)
-    dlrt = (
-        DLRT(layers, lr=lr, method=settings.optimizer, momentum=settings.momentum, weight_decay=decay,
-             integrator=settings.integrator, basis_state=settings.basis_state,
-             basis_interval=settings.basis_interval)
-        if layers
-        else None
-    )
-    return Optimizers(ordinary_opt, dlrt)
+    return dlrt_optimizer(model, lr=settings.learning_rate, method=settings.optimizer, momentum=settings.momentum,
+                          weight_decay=settings.weight_decay, integrator=settings.integrator,
+                          basis_state=settings.basis_state, basis_interval=settings.basis_interval)

@@ -16,13 +16,24 @@ def fenced(language: str) -> list[str]:
 
 
 def test_python_example_trains_a_dynamical_network():
-    (example,) = fenced("python")
+    example, _ = fenced("python")
     torch.manual_seed(0)
     namespace = {"x": torch.rand(232, 784), "y": torch.randint(0, 10, (232,))}
     exec(example, namespace)
     model, loss = namespace["model"], namespace["loss"]
     assert torch.isfinite(loss)
     assert model.ranks()[:2] != [256, 256] and all(1 <= r <= 256 for r in model.ranks()[:2])
+
+
+def test_convert_example_makes_a_resnet_dynamical_but_its_classifier():
+    from lowrank import DynamicalLowRankConv2d
+
+    _, example = fenced("python")
+    namespace = {}
+    exec(example, namespace)
+    model, optimizer = namespace["model"], namespace["optimizer"]
+    assert sum(isinstance(m, DynamicalLowRankConv2d) for m in model.modules()) == 20
+    assert isinstance(model.fc, torch.nn.Linear) and optimizer.dlrt is not None
 
 
 def test_toml_example_is_a_valid_config():

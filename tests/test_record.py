@@ -77,3 +77,13 @@ def test_trained_epochs_counts_the_epochs_a_figure_reported(tmp_path):
              {"model": "a", "epoch": 2, "epochs": 2}]
     progress.write_text("".join(json.dumps(line) + "\n" for line in lines) + '{"model": "b", "ep')  # a partial line
     assert report.trained_epochs(progress) == 2
+
+
+def test_a_comment_in_an_experiment_config_leaves_the_record_current(tmp_path):
+    figure = next(f for f in FIGURES if f.name == "fig_j")
+    config = tmp_path / "fig_j.toml"
+    config.write_text("# a new comment\n" + figure.config.read_text(encoding="utf-8"), encoding="utf-8")
+    commented = report.Figure(figure.name, figure.notebook, config, figure.output)
+    assert report.figure_keys(commented) == report.figure_keys(figure)
+    config.write_text(figure.config.read_text(encoding="utf-8").replace("seed = 0", "seed = 1"), encoding="utf-8")
+    assert report.figure_keys(commented) != report.figure_keys(figure)

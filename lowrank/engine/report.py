@@ -132,8 +132,8 @@ def train_figure(
 def figure_keys(figure: Figure) -> dict[str, str]:
     """What a full-size run of ``figure`` is computed from: ``{model name: cache key}`` of every model it
     trains or reads (:func:`figure_models`), or for a figure that is not a network study
-    ``{"config": key}``, a hash of lowrank's version and its TOML text. A record whose keys differ from these
-    is stale: a configuration or the library version changed since it was made.
+    ``{"config": key}``, a hash of lowrank's version and its TOML tables (not its comments or layout). A record
+    whose keys differ from these is stale: a configuration or the library version changed since it was made.
     """
     import hashlib
 
@@ -141,8 +141,8 @@ def figure_keys(figure: Figure) -> dict[str, str]:
 
     if figure_kind(figure.config) == "network":
         return {m.name: m.cache_key() for m in figure_models(figure.config)}
-    text = figure.config.read_text(encoding="utf-8")
-    return {"config": hashlib.sha256(f"{__version__}\n{text}".encode()).hexdigest()[:16]}
+    tables = json.dumps(tomllib.loads(figure.config.read_text(encoding="utf-8")), sort_keys=True)
+    return {"config": hashlib.sha256(f"{__version__}\n{tables}".encode()).hexdigest()[:16]}
 
 
 def stamp_record(path: Path, figure: Figure, seconds: float, trained_epochs: int | None) -> None:
