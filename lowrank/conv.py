@@ -42,7 +42,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.grad import conv2d_input, conv2d_weight
 
-from lowrank.layers import DynamicalLowRank, GradientSink, LowRank
+from lowrank.choices import DENSE_INITS
+from lowrank.layers import DynamicalLowRank, GradientSink, LowRank, _check_init, kaiming_dense
 
 
 def _pair(value) -> tuple[int, int]:
@@ -126,6 +127,40 @@ class _ConvGeometry:
     def _geometry_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
                 f"padding={self.padding}, dilation={self.dilation}")
+
+
+class DenseConv2d(nn.Conv2d):
+    """``torch.nn.Conv2d`` with the library's initialisations and the matrix view of its kernel: the dense twin of
+    the low-rank convolutions (a network's dense layers, and what a warm start trains first).
+
+    Args: as ``torch.nn.Conv2d`` (``groups = 1``), and ``init`` (``"kaiming"``: ``N(0, 2 / (c_in k_h k_w))``, zero
+    bias; ``"normal"``: ``N(0, 1)`` weights and bias) and ``init_scale`` as :class:`lowrank.layers.Dense`.
+    ``in_features`` / ``out_features``: the shape ``(c_in k_h k_w, c_out)`` of the matrix ``W``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 bias: bool = True, init: str = "kaiming", init_scale: float = 1.0) -> None:
+        _check_init(init, init_scale, DENSE_INITS)
+        self.init, self.init_scale = init, init_scale  # read by reset_parameters, which nn.Conv2d's __init__ calls
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, bias=bias)
+        self.in_features, self.out_features = in_channels * self.kernel_size[0] * self.kernel_size[1], out_channels
+
+    def reset_parameters(self) -> None:
+        fan_in = self.weight[0].numel()
+        with torch.no_grad():
+            if self.init == "normal":
+                self.weight.normal_()
+            else:
+                self.weight.copy_(kaiming_dense(fan_in, self.out_channels).T.reshape(self.weight.shape))
+            self.weight.mul_(self.init_scale)
+            if self.bias is not None and self.init == "normal":
+                self.bias.normal_()
+            elif self.bias is not None:
+                self.bias.zero_()
+
+    def weight_matrix(self) -> Tensor:
+        """``W = reshape(K, (c_out, c_in k_h k_w))^T``, detached."""
+        return self.weight.detach().reshape(self.out_channels, -1).T
 
 
 class LowRankConv2d(_ConvGeometry, LowRank):
@@ -226,3 +261,7 @@ class DynamicalLowRankConv2d(_ConvGeometry, DynamicalLowRank):
     def extra_repr(self) -> str:
         return (f"{self._geometry_repr()}, rank={self.rank}, r_min={self.r_min}, r_max={self.r_max}, tau={self.tau}, "
                 f"adaptive={self.adaptive}, bias={self.bias is not None}")
+
+
+#: Every convolution a network of the library may hold.
+CONVOLUTIONS = (nn.Conv2d, LowRankConv2d, DynamicalLowRankConv2d)

@@ -340,6 +340,10 @@ class Dense(_Affine):
     def forward(self, x: Tensor) -> Tensor:
         return dense_product(x, self.weight, self.bias)
 
+    def weight_matrix(self) -> Tensor:
+        """``W``, shape ``(n_in, n_out)``, detached."""
+        return self.weight.detach()
+
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "Dense":
         """The map of ``linear`` as a :class:`Dense`: ``weight = linear.weight^T`` (``(n_in, n_out)``), the same bias,

@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from lowrank.conv import DenseConv2d
 from lowrank.layers import Dense, DynamicalLowRank, LowRank
 
 if TYPE_CHECKING:
@@ -96,8 +97,9 @@ def parameter_count(module: nn.Module) -> int:
 
 
 def affine_layers(model: nn.Module) -> list[nn.Module]:
-    """The :class:`Dense`, :class:`LowRank` and :class:`DynamicalLowRank` layers of ``model``, in module order."""
-    return [m for m in model.modules() if isinstance(m, (Dense, LowRank, DynamicalLowRank))]
+    """The :class:`Dense`, :class:`LowRank` and :class:`DynamicalLowRank` layers of ``model`` and their convolutions
+    (:mod:`lowrank.conv`), in module order."""
+    return [m for m in model.modules() if isinstance(m, (Dense, DenseConv2d, LowRank, DynamicalLowRank))]
 
 
 def _bias(layer: nn.Module) -> int:
@@ -124,7 +126,7 @@ def layer_flops(layer: nn.Module) -> int:
     """FLOPs per sample of one layer's forward pass (see the module docstring for the formulas); for the
     convolutions of :mod:`lowrank.conv`, whose ``in_features`` is the patch size, per output position."""
     n_in, n_out = layer.in_features, layer.out_features
-    if isinstance(layer, Dense):
+    if isinstance(layer, (Dense, DenseConv2d)):
         products = n_in * n_out
     elif isinstance(layer, LowRank) and layer.factorization == "uv":
         products = layer.rank * (n_in + n_out)
@@ -136,8 +138,11 @@ def layer_flops(layer: nn.Module) -> int:
 
 
 def flops_per_sample(model: nn.Module) -> int:
-    """FLOPs of one sample's forward pass through every layer at the current ranks (``sum`` of :func:`layer_flops`)."""
-    return sum(layer_flops(layer) for layer in affine_layers(model))
+    """FLOPs of one sample's forward pass through every layer at the current ranks (``sum`` of :func:`layer_flops`,
+    times each layer's output positions for a :class:`lowrank.network.NeuralNetwork` with convolutions)."""
+    layers = affine_layers(model)
+    positions = model.positions() if hasattr(model, "positions") else [1] * len(layers)
+    return sum(layer_flops(layer) * count for layer, count in zip(layers, positions, strict=True))
 
 
 def singular_values(weight: Tensor) -> Tensor:
@@ -178,8 +183,8 @@ def layer_singular_values(layer: nn.Module) -> Tensor:
     """Singular values of a layer's ``W`` (float64, decreasing; ``min(n_in, n_out)`` values for dense layers,
     ``r`` for factorised ones), from the ``r x r`` core ``R_U S R_V^T`` of a factorised layer (module docstring).
     """
-    if isinstance(layer, Dense):
-        return singular_values(layer.weight)
+    if isinstance(layer, (Dense, DenseConv2d)):
+        return singular_values(layer.weight_matrix())
     u = layer.U.detach().to("cpu", torch.float64)
     v = layer.V.detach().to("cpu", torch.float64)
     core = torch.linalg.qr(u).R @ torch.linalg.qr(v).R.T if layer.S is None else (

@@ -245,3 +245,13 @@ def test_the_implementation_chapter_s_example_trains_with_the_library_alone():
     rank, engine = run.stdout.split(" ", 1)
     assert int(rank) != 32 and 1 <= int(rank) <= 256  # the step adapted the rank
     assert engine.strip() == "[]"  # the library trained without the experiment engine
+
+
+def test_the_implementation_chapter_s_convolutional_config_is_valid():
+    from lowrank.engine import config
+
+    text = (ROOT / "book" / "implementation.md").read_text(encoding="utf-8")
+    configs = re.findall(r"```toml\n(.*?)```", text, flags=re.S)
+    lenet = next(c for c in configs if "kernel_size" in c)
+    (model,) = config.loads(lenet, "implementation.md").models
+    assert [layer.matrix_dims for layer in model.layers] == [(25, 20), (500, 50), (800, 500), (500, 10)]

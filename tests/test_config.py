@@ -642,3 +642,55 @@ def test_experiment_errors_name_the_file_the_key_and_the_allowed_values(data, me
     with pytest.raises(ConfigError, match=message):
         config.experiment_tables(data, "probe", "p.toml", Probe)
         config.table_values(Probe, data, "p.toml", quick=True)
+
+
+LENET = """
+[[layer]]
+type = "dynamical"
+dims = [1, 20]
+kernel_size = 5
+pool = 2
+r_max = 10
+[[layer]]
+type = "dynamical"
+dims = [20, 50]
+kernel_size = 5
+pool = 2
+[[layer]]
+type = "dynamical"
+dims = [800, 500]
+[[layer]]
+type = "dense"
+dims = [500, 10]
+activation = "identity"
+"""
+
+
+def test_a_convolutional_network_chains_its_image_shapes():
+    """LeNet5 of the DLRT paper: 28 -> conv 5 -> 24 -> pool 2 -> 12 -> conv 5 -> 8 -> pool 2 -> 4: 50 x 4 x 4 = 800."""
+    (model,) = load_text(LENET).models
+    first, second, linear, _ = model.layers
+    assert first.matrix_dims == (25, 20) and second.matrix_dims == (500, 50) and linear.matrix_dims == (800, 500)
+    assert (first.rank, first.r_max, second.rank, second.r_max) == (5, 10, 25, 50)  # default rank: r_max // 2
+    assert first.output_shape((1, 28, 28)) == (20, 12, 12)
+    assert "kernel_size" in first.to_dict() and "kernel_size" not in linear.to_dict()  # MLP cache keys unchanged
+
+
+@pytest.mark.parametrize("change, message", [
+    (("dims = [20, 50]", "dims = [16, 50]"), r"layer\[1\]\.dims\[0\] = 16 but its input has 20 channels \(20 x 12 x 12\); allowed: 20"),
+    (("dims = [800, 500]", "dims = [784, 500]"), r"layer\[2\]\.dims\[0\] = 784 but its input has 800 values \(50 x 4 x 4\); allowed: 800"),
+    (("pool = 2\n[[layer]]\ntype = \"dynamical\"\ndims = [800", "pool = 16\n[[layer]]\ntype = \"dynamical\"\ndims = [800"),
+     r"layer\[1\]: kernel_size = 5, stride = 1, padding = 0 and pool = 16 leave no pixel of its 12 x 12 input"),
+    (("r_max = 10", "r_max = 30"), r"layer\[0\]\.r_max = 30 is larger than min\(in_channels \* kernel_size², out_channels\) = 20"),
+    (("activation = \"identity\"", "activation = \"identity\"\npadding = 1"),
+     r"layer\[3\]\.padding is used by convolutions only; allowed: set kernel_size, or leave out padding"),
+])
+def test_convolution_errors_name_the_layer_and_the_shapes(change, message):
+    with pytest.raises(ConfigError, match=message):
+        load_text(LENET.replace(*change, 1))
+
+
+def test_a_convolution_cannot_follow_a_linear_layer():
+    text = LENET.replace('dims = [1, 20]\nkernel_size = 5\npool = 2\nr_max = 10', 'dims = [784, 20]\nr_max = 10', 1)
+    with pytest.raises(ConfigError, match=r"layer\[1\] is a convolution after a linear layer"):
+        load_text(text)

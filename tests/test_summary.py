@@ -145,3 +145,17 @@ def test_a_tau_sweep_reads_accuracy_against_the_seed_spread_and_ranks_per_step()
 def test_names_text_joins_with_and():
     assert summary.names_text([]).text == "none" and summary.names_text(["a"]).text == "a"
     assert summary.names_text(["a", "b", "c"]).text == "a, b and c"
+
+
+def test_the_published_comparison_marks_what_lies_within_one_standard_deviation():
+    from lowrank.engine import config
+
+    model = config.loads('[[layer]]\ntype = "dynamical"\ndims = [784, 20]\nrank = 8\n'
+                         '[[layer]]\ntype = "dense"\ndims = [20, 10]\nactivation = "identity"\n', "m.toml").models[0]
+    named = [config.ModelConfig(name, model.settings, model.layers) for name in ("a", "b")]
+    results = [SimpleNamespace(config=c, test_accuracy=accuracy / 100, history=pd.DataFrame({"rank_0": [8, r], "rank_1": [10, 10]}))
+               for c, accuracy, r in zip(named, (98.1, 97.0), (6, 4))]
+    table = summary.published_comparison(results, {"a": (98.16, 0.26, [10]), "b": (97.45, 0.3, None)})
+    assert list(table["within the published spread"]) == ["yes", "no"]
+    assert list(table["difference (points)"]) == [-0.06, -0.45]
+    assert table.loc["a", "ranks"] == "[6]" and table.loc["a", "published (%)"] == "98.16 ± 0.26"

@@ -364,3 +364,57 @@ def test_the_full_length_protocol_of_figure_f_runs_at_tiny_size(tmp_path):
     result = training.train(tiny, tmp_path)
     assert result.history.phase.tolist() == ["train", "train", "train", "fine-tune"]
     assert result.history.rank_0[3] == result.history.rank_0[2] < 300
+
+
+CONV_NET = """
+[settings]
+subset = 600
+batch_size = 50
+num_epochs = 2
+learning_rate = 0.01
+[[layer]]
+type = "dynamical"
+dims = [1, 6]
+kernel_size = 5
+pool = 2
+rank = 3
+tau = 0.2
+[[layer]]
+type = "dense"
+dims = [6, 8]
+kernel_size = 3
+stride = 2
+[[layer]]
+type = "lowrank"
+dims = [200, 10]
+rank = 4
+activation = "identity"
+"""
+
+
+def test_a_convolutional_network_trains_and_resumes_like_a_perceptron(tmp_path):
+    from lowrank.conv import DenseConv2d, DynamicalLowRankConv2d
+
+    cfg = config.loads(CONV_NET, "conv.toml").models[0]
+    uninterrupted = training.train(cfg, tmp_path / "a")
+    model = uninterrupted.model
+    assert [type(layer) for layer in model.layers[:2]] == [DynamicalLowRankConv2d, DenseConv2d]
+    assert model.positions() == [24 * 24, 5 * 5, 1]  # 28 -> 24, pooled to 12 -> stride 2: 5
+    history = uninterrupted.history
+    assert history.val_loss.iloc[-1] < history.val_loss.iloc[0]
+    assert history.rank_1.tolist() == [min(6 * 9, 8)] * 3 and history.rank_0.iloc[0] == 3
+    # per output position: 2 r (n_in + n_out + r) + n_out (rank 3), 2 n_in n_out + n_out (dense), then the linear layer
+    positions_flops = (2 * 3 * (25 + 6 + 3) + 6) * 576 + (2 * 54 * 8 + 8) * 25 + 2 * 4 * (200 + 10 + 4) + 10
+    assert history.flops_per_sample.iloc[0] == positions_flops
+
+    def interrupt(row):
+        if row["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        training.train(cfg, tmp_path / "b", on_epoch=interrupt)
+    resumed = training.train(cfg, tmp_path / "b")
+    timing = list(training.TIMING_COLUMNS)
+    pd.testing.assert_frame_equal(resumed.history.drop(columns=timing), history.drop(columns=timing), check_exact=True)
+    for key, value in model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[key], value), key

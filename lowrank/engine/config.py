@@ -34,6 +34,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import os
 import re
 import tomllib
@@ -53,6 +54,8 @@ DEVICES = ("cpu", "cuda", "auto")
 DTYPES = ("float32", "float64")
 # (inputs, classes) of each dataset: the first layer takes the inputs, the last gives the classes.
 DATASETS = {"mnist": (784, 10), "fashion-mnist": (784, 10)}
+# (channels, height, width) of each dataset's images, as a first convolution takes them.
+IMAGE_SHAPES = {"mnist": (1, 28, 28), "fashion-mnist": (1, 28, 28)}
 # camelCase keys of the seed study's template -> our names
 SETTINGS_ALIASES = {"learningRate": "learning_rate", "batchSize": "batch_size", "numEpochs": "num_epochs"}
 
@@ -159,12 +162,38 @@ class LayerConfig:
     r_max: int | None = option(None, "largest rank, 1..min(dims); default min(dims)", min=1, types=("dynamical",))
     r_min: int = option(1, "smallest rank after truncation, 1..r_max", min=1, types=("dynamical",))
     adaptive: bool = option(True, "augment and truncate (rank-adaptive) or keep the rank fixed", types=("dynamical",))
+    kernel_size: int | None = option(
+        None, "a k x k convolution (lowrank.conv) with dims = [in_channels, out_channels] and the matrix "
+              "W of (in_channels k k) x out_channels; unset: a linear layer", min=1, convolution=True)
+    padding: int = option(0, "convolutions: zeros added on each side of the image", min=0, convolution=True)
+    stride: int = option(1, "convolutions: the step of the kernel", min=1, convolution=True)
+    pool: int = option(1, "convolutions: max-pool over pool x pool windows after the activation; 1 = none", min=1,
+                       convolution=True)
+
+    @property
+    def convolution(self) -> bool:
+        return self.kernel_size is not None
+
+    @property
+    def matrix_dims(self) -> tuple[int, int]:
+        """``(n_in, n_out)`` of the layer's matrix ``W``: ``dims``, or ``(in_channels k k, out_channels)``."""
+        if not self.convolution:
+            return self.dims
+        return self.dims[0] * self.kernel_size ** 2, self.dims[1]
+
+    def output_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape of this layer's output (after its pooling) for an input of ``shape``: ``(n,)`` or ``(C, H, W)``."""
+        if not self.convolution:
+            return (self.dims[1],)
+        size = [(n + 2 * self.padding - self.kernel_size) // self.stride + 1 for n in shape[1:]]
+        return (self.dims[1], *(n // self.pool for n in size))
 
     def to_dict(self) -> dict:
-        """The keys this layer's type uses (others are irrelevant and stay out of the cache key)."""
+        """The keys this layer's type uses (others are irrelevant and stay out of the cache key; so are the
+        convolution keys of a linear layer)."""
         return {f.name: list(v) if f.name == "dims" else v
                 for f in dataclasses.fields(self)
-                if _uses(self.type, f)
+                if _uses(self.type, f) and (self.convolution or not f.metadata.get("convolution"))
                 for v in [getattr(self, f.name)]}
 
 
@@ -193,7 +222,8 @@ class ModelConfig:
         What a warm start (``settings.warm_start_epochs``) trains first, and what ``compression`` compares to.
         """
         layers = tuple(LayerConfig("dense", layer.dims, layer.activation, layer.bias,
-                                   "normal" if layer.init == "normal" else "kaiming", 1.0)
+                                   "normal" if layer.init == "normal" else "kaiming", 1.0, kernel_size=layer.kernel_size,
+                                   padding=layer.padding, stride=layer.stride, pool=layer.pool)
                        for layer in self.layers)
         return ModelConfig(self.name, dataclasses.replace(self.settings, warm_start_epochs=0), layers)
 
@@ -416,9 +446,11 @@ def _layers(tables, settings: Settings, file: str, prefix: str) -> tuple[LayerCo
         table = "model.layer" if prefix else "layer"
         raise _error(file, f"{prefix}layer: the model has no layers; allowed: one or more [[{table}]] tables")
     layers = tuple(_layer(table, file, f"{prefix}layer[{i}]") for i, table in enumerate(tables))
+    if any(layer.convolution for layer in layers):
+        _check_shapes(layers, IMAGE_SHAPES[settings.dataset], file, prefix)
     for i in range(1, len(layers)):
         have, want = layers[i].dims[0], layers[i - 1].dims[1]
-        if have != want:
+        if have != want and not layers[i - 1].convolution:
             raise _error(file, f"{prefix}layer[{i}].dims[0] = {have} but {prefix}layer[{i - 1}].dims[1] = {want}; "
                                f"the output of a layer is the input of the next; allowed: {want}")
     factorised = [layer.type for layer in layers if layer.type != "dense"]
@@ -432,13 +464,40 @@ def _layers(tables, settings: Settings, file: str, prefix: str) -> tuple[LayerCo
                            f"needs a lowrank or dynamical layer to factorise; allowed: 0 for a dense model")
     inputs, classes = DATASETS[settings.dataset]
     first, last = layers[0].dims[0], layers[-1].dims[1]
-    if first != inputs:
+    if first != inputs and not layers[0].convolution:
         raise _error(file, f'{prefix}layer[0].dims[0] = {first} but dataset = "{settings.dataset}" has '
                            f"{inputs} inputs; allowed: {inputs}")
     if last != classes:
         raise _error(file, f'{prefix}layer[{len(layers) - 1}].dims[1] = {last} but dataset = "{settings.dataset}" has '
                            f"{classes} classes; allowed: {classes}")
     return layers
+
+
+def _check_shapes(layers: tuple[LayerConfig, ...], image: tuple[int, int, int], file: str, prefix: str) -> None:
+    """A network with convolutions: each layer's input, from the image on, is what it expects; a convolution
+    follows only the image or convolutions, and leaves at least one pixel."""
+    shape = image
+    for i, layer in enumerate(layers):
+        where = f"{prefix}layer[{i}]"
+        if layer.convolution:
+            if len(shape) == 1:
+                raise _error(file, f"{where} is a convolution after a linear layer; allowed: convolutions first, "
+                                   f"then linear layers")
+            if layer.dims[0] != shape[0]:
+                raise _error(file, f"{where}.dims[0] = {layer.dims[0]} but its input has {shape[0]} channels "
+                                   f"({' x '.join(map(str, shape))}); allowed: {shape[0]}")
+            output = layer.output_shape(shape)
+            if min(output[1:]) < 1:
+                raise _error(file, f"{where}: kernel_size = {layer.kernel_size}, stride = {layer.stride}, padding = "
+                                   f"{layer.padding} and pool = {layer.pool} leave no pixel of its "
+                                   f"{' x '.join(map(str, shape[1:]))} input; allowed: a smaller kernel, stride or pool")
+            shape = output
+        else:
+            features = math.prod(shape)
+            if layer.dims[0] != features:
+                raise _error(file, f"{where}.dims[0] = {layer.dims[0]} but its input has {features} values "
+                                   f"({' x '.join(map(str, shape))}); allowed: {features}")
+            shape = layer.output_shape(shape)
 
 
 def _layer(table, file: str, where: str) -> LayerConfig:
@@ -456,11 +515,17 @@ def _layer(table, file: str, where: str) -> LayerConfig:
             raise _error(file, f'{where}.{f.name} is not used by a {kind} layer (only by {" and ".join(f.metadata["types"])}); '
                                f"allowed keys of a {kind} layer: {keys}")
     layer = LayerConfig(**values)
+    if not layer.convolution:
+        for f in dataclasses.fields(LayerConfig):
+            if f.metadata.get("convolution") and f.name in table:
+                raise _error(file, f"{where}.{f.name} is used by convolutions only; allowed: set kernel_size, "
+                                   f"or leave out {f.name}")
     if layer.init_scale is None:
         small = kind == "dynamical" and layer.init == "kaiming"
         layer = dataclasses.replace(layer, init_scale=DYNAMICAL_INIT_SCALE if small else 1.0)
 
-    n = min(layer.dims)
+    n = min(layer.matrix_dims)
+    bound = "min(dims)" if not layer.convolution else "min(in_channels * kernel_size², out_channels)"
     if layer.init not in DENSE_INITS and layer.type == "dense":
         raise _error(file, f'{where}.init = "{layer.init}" needs a lowrank or dynamical layer; '
                            f"allowed for a dense layer: {_choices(DENSE_INITS)}")
@@ -468,11 +533,11 @@ def _layer(table, file: str, where: str) -> LayerConfig:
         if layer.rank is None:
             raise _error(file, f"{where}.rank is missing; a lowrank layer needs its rank; allowed: 1..{n}")
         if layer.rank > n:
-            raise _error(file, f"{where}.rank = {layer.rank} is larger than min(dims) = {n}; allowed: 1..{n}")
+            raise _error(file, f"{where}.rank = {layer.rank} is larger than {bound} = {n}; allowed: 1..{n}")
     if layer.type == "dynamical":
         r_max = n if layer.r_max is None else layer.r_max
         if r_max > n:
-            raise _error(file, f"{where}.r_max = {r_max} is larger than min(dims) = {n}; allowed: 1..{n}")
+            raise _error(file, f"{where}.r_max = {r_max} is larger than {bound} = {n}; allowed: 1..{n}")
         if layer.r_min > r_max:
             raise _error(file, f"{where}.r_min = {layer.r_min} is larger than r_max = {r_max}; allowed: 1..{r_max}")
         rank = max(layer.r_min, r_max // 2) if layer.rank is None else layer.rank

@@ -295,7 +295,7 @@ def estimated_work(figure: Figure) -> float:
     for model in cfg.load(figure.config).models:
         per_sample = 0.0
         for layer in model.layers:
-            n_in, n_out = layer.dims
+            n_in, n_out = layer.matrix_dims
             per_sample += {"dense": n_in * n_out,
                            "lowrank": (layer.rank or 0) * (n_in + n_out + (layer.rank or 0)),
                            "dynamical": DLRT_COST_FACTOR * (layer.rank or 0) * (n_in + n_out)}[layer.type]

@@ -242,7 +242,7 @@ def largest_equivalent_interval(table: pd.DataFrame) -> int:
 
 def max_rank(layer: cfg.LayerConfig) -> int:
     """The largest rank ``layer`` can have: ``r_max`` (dynamical), ``rank`` (lowrank), ``min(dims)`` (dense)."""
-    return {"dynamical": layer.r_max, "lowrank": layer.rank}.get(layer.type, min(layer.dims))
+    return {"dynamical": layer.r_max, "lowrank": layer.rank}.get(layer.type, min(layer.matrix_dims))
 
 
 def tau_sweep_values(results, prefix: str, reference: str = "dynamical tau=0.05") -> dict[str, object]:
@@ -262,3 +262,27 @@ def tau_sweep_values(results, prefix: str, reference: str = "dynamical tau=0.05"
         f"{prefix}_gap_{slug(reference.removeprefix('dynamical '))}":
             round(stats["dense"]["test_accuracy"] - stats[reference]["test_accuracy"], 2),
     }
+
+
+def published_comparison(results, published: dict[str, tuple[float, float, list[int] | None]]) -> pd.DataFrame:
+    """Our models against a paper's: one row per model named in ``published`` (``{name: (mean accuracy %, its
+    standard deviation over the paper's runs, the paper's ranks or None)}``), with our test accuracy and final
+    ranks of the factorised layers, the difference, and whether ours lies within the published mean ± one
+    standard deviation."""
+    ours = {r.config.name: r for r in results}
+    rows = []
+    for name, (mean, std, ranks) in published.items():
+        result = ours[name]
+        last = result.history.iloc[-1]
+        accuracy = round(100 * result.test_accuracy, 2)
+        factorised = [int(last[f"rank_{i}"]) for i, layer in enumerate(result.config.layers) if layer.type != "dense"]
+        rows.append({"model": name, "test accuracy (%)": accuracy, "ranks": str(factorised) if factorised else "dense",
+                     "published (%)": f"{mean:.2f} ± {std:.2f}", "published ranks": str(ranks) if ranks else "dense",
+                     "difference (points)": round(accuracy - mean, 2) + 0.0,
+                     "within the published spread": "yes" if abs(accuracy - mean) <= std else "no"})
+    return pd.DataFrame(rows).set_index("model")
+
+
+def target_verdict(table: pd.DataFrame, names) -> Text:
+    """``"met"`` if every model in ``names`` lies within the published spread (:func:`published_comparison`)."""
+    return Text("met" if (table.loc[list(names), "within the published spread"] == "yes").all() else "missed")

@@ -95,7 +95,7 @@ from tqdm import tqdm
 
 from lowrank import __version__, metrics, regularizers
 from lowrank.engine import distributed, store
-from lowrank.engine.config import ModelConfig
+from lowrank.engine.config import IMAGE_SHAPES, ModelConfig
 from lowrank.engine.determinism import default_dtype, rng_state, run_settings, seed_epoch, set_rng_state
 from lowrank.network import NeuralNetwork
 from lowrank.optim import Optimizers, build_optimizer
@@ -188,7 +188,7 @@ def load_result(config: ModelConfig, results_dir: str | Path | None = None) -> T
         return None
     info, history, state, spectra = run
     with torch.random.fork_rng(devices=[]), default_dtype(config.settings.dtype):  # building draws an init
-        model = NeuralNetwork.from_config(config.layers)
+        model = NeuralNetwork.from_config(config.layers, IMAGE_SHAPES[config.settings.dataset])
     model.load_state_dict(state)
     _enter_phase(model, config.settings, config.settings.total_epochs)
     model.eval()
@@ -254,7 +254,7 @@ def _train(
     warm_up = settings.warm_start_epochs  # epochs 1..warm_up train the dense twin
     with run_settings(threads, device), default_dtype(settings.dtype):
         torch.manual_seed(settings.seed)
-        model = NeuralNetwork.from_config((config.dense_twin() if warm_up else config).layers).to(device)
+        model = _built(config.dense_twin() if warm_up else config, device)
         splits = data.loaders(settings.dataset, batch_size=settings.batch_size * world.size, seed=settings.seed,
                               subset=settings.subset, root=data_root, device=str(device),
                               dtype=torch.get_default_dtype())
@@ -364,7 +364,7 @@ def _enter_phase(model: NeuralNetwork, settings, epoch: int) -> None:
 
 
 def _built(config: ModelConfig, device: torch.device) -> NeuralNetwork:
-    return NeuralNetwork.from_config(config.layers).to(device)
+    return NeuralNetwork.from_config(config.layers, IMAGE_SHAPES[config.settings.dataset]).to(device)
 
 
 def _feature_sample(loader) -> tuple[torch.Tensor, torch.Tensor]:
