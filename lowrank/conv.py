@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from torch.nn.grad import conv2d_input, conv2d_weight
 
 from lowrank.choices import DENSE_INITS
-from lowrank.layers import DynamicalLowRank, GradientSink, LowRank, _check_init, kaiming_dense
+from lowrank.layers import DynamicalLowRank, GradientSink, LowRank, check_init, copy_parameters, kaiming_dense
 
 
 def _pair(value) -> tuple[int, int]:
@@ -99,11 +99,7 @@ class _ConvGeometry:
         with torch.random.fork_rng(devices=[]):
             conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, bias=self.bias is not None,
                              device=self.U.device, dtype=self.U.dtype, **self._conv)
-        with torch.no_grad():
-            conv.weight.copy_(self.kernel())
-            if self.bias is not None:
-                conv.bias.copy_(self.bias)
-        return conv
+        return copy_parameters(conv, self.kernel(), self.bias)
 
     @classmethod
     def from_dense(cls, conv: nn.Conv2d, rank: int, **kwargs):
@@ -119,10 +115,7 @@ class _ConvGeometry:
                         padding=conv.padding, dilation=conv.dilation, bias=conv.bias is not None, **kwargs)
         layer = layer.to(dtype=conv.weight.dtype, device=conv.weight.device)
         layer.approximate_(conv.weight.detach().reshape(conv.out_channels, -1).T)
-        if conv.bias is not None:
-            with torch.no_grad():
-                layer.bias.copy_(conv.bias)
-        return layer
+        return copy_parameters(layer, None, conv.bias)
 
     def _geometry_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
@@ -140,7 +133,7 @@ class DenseConv2d(nn.Conv2d):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  bias: bool = True, init: str = "kaiming", init_scale: float = 1.0) -> None:
-        _check_init(init, init_scale, DENSE_INITS)
+        check_init(init, init_scale, DENSE_INITS)
         self.init, self.init_scale = init, init_scale  # read by reset_parameters, which nn.Conv2d's __init__ calls
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, bias=bias)
         self.in_features, self.out_features = in_channels * self.kernel_size[0] * self.kernel_size[1], out_channels

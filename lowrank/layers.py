@@ -57,7 +57,18 @@ from lowrank.choices import DENSE_INITS, DYNAMICAL_INIT_SCALE, FACTORIZATIONS, I
 from lowrank.linalg import truncated_svd
 
 
-def _check_init(init: str, init_scale: float, allowed: tuple[str, ...] = INITS) -> None:
+@torch.no_grad()
+def copy_parameters(target: nn.Module, weight: Tensor | None, bias: Tensor | None) -> nn.Module:
+    """Copy ``weight`` (unless None) and ``bias`` (if the target has one) into ``target``, in place; returns it."""
+    if weight is not None:
+        target.weight.copy_(weight)
+    if bias is not None and target.bias is not None:
+        target.bias.copy_(bias)
+    return target
+
+
+def check_init(init: str, init_scale: float, allowed: tuple[str, ...] = INITS) -> None:
+    """Raise ``ValueError`` unless ``init`` is one of ``allowed`` and ``init_scale > 0``."""
     if init not in allowed:
         raise ValueError(f"init = {init!r} is not one of {allowed}")
     if not init_scale > 0:
@@ -81,7 +92,7 @@ def initial_factors(
 
     For every init except ``"normal"``, ``U`` and ``V`` have orthonormal columns.
     """
-    _check_init(init, init_scale)
+    check_init(init, init_scale)
     if init == "normal":
         u = torch.randn(in_features, rank, **factory)
         s = torch.randn(rank, rank, **factory)
@@ -323,7 +334,7 @@ class Dense(_Affine):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, init: str = "kaiming",
                  init_scale: float = 1.0) -> None:
-        _check_init(init, init_scale, DENSE_INITS)
+        check_init(init, init_scale, DENSE_INITS)
         super().__init__(in_features, out_features, bias, init, init_scale)
         self.weight = nn.Parameter(torch.empty(in_features, out_features))
         self.reset_parameters()
@@ -351,22 +362,14 @@ class Dense(_Affine):
         with torch.random.fork_rng(devices=[]):
             layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None)
         layer = layer.to(dtype=linear.weight.dtype, device=linear.weight.device)
-        with torch.no_grad():
-            layer.weight.copy_(linear.weight.T)
-            if linear.bias is not None:
-                layer.bias.copy_(linear.bias)
-        return layer
+        return copy_parameters(layer, linear.weight.T, linear.bias)
 
     def to_linear(self) -> nn.Linear:
         """The same map as a ``torch.nn.Linear`` (``linear.weight = weight^T``, ``(n_out, n_in)``)."""
         with torch.random.fork_rng(devices=[]):
             linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                                dtype=self.weight.dtype, device=self.weight.device)
-        with torch.no_grad():
-            linear.weight.copy_(self.weight.T)
-            if self.bias is not None:
-                linear.bias.copy_(self.bias)
-        return linear
+        return copy_parameters(linear, self.weight.T, self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
@@ -388,11 +391,7 @@ class _Factorised(_Affine):
         with torch.random.fork_rng(devices=[]):
             dense = Dense(self.in_features, self.out_features, bias=self.bias is not None)
         dense = dense.to(dtype=self.U.dtype, device=self.U.device)
-        with torch.no_grad():
-            dense.weight.copy_(self.weight_matrix())
-            if self.bias is not None:
-                dense.bias.copy_(self.bias)
-        return dense
+        return copy_parameters(dense, self.weight_matrix(), self.bias)
 
     @classmethod
     def from_dense(cls, dense: Dense, rank: int, **kwargs):
@@ -404,10 +403,7 @@ class _Factorised(_Affine):
             layer = cls(dense.in_features, dense.out_features, rank, bias=dense.bias is not None, **kwargs)
         layer = layer.to(dtype=dense.weight.dtype, device=dense.weight.device)
         layer.approximate_(dense.weight)
-        if dense.bias is not None:
-            with torch.no_grad():
-                layer.bias.copy_(dense.bias)
-        return layer
+        return copy_parameters(layer, None, dense.bias)
 
 
 class LowRank(_Factorised):
@@ -437,7 +433,7 @@ class LowRank(_Factorised):
         init: str = "kaiming",
         init_scale: float = 1.0,
     ) -> None:
-        _check_init(init, init_scale)
+        check_init(init, init_scale)
         if factorization not in FACTORIZATIONS:
             raise ValueError(f"factorization = {factorization!r} is not one of {FACTORIZATIONS}")
         if not 1 <= rank <= min(in_features, out_features):
@@ -534,7 +530,7 @@ class DynamicalLowRank(_Factorised):
     ) -> None:
         if init_scale is None:
             init_scale = DYNAMICAL_INIT_SCALE if init == "kaiming" else 1.0
-        _check_init(init, init_scale)
+        check_init(init, init_scale)
         r_max = min(in_features, out_features) if r_max is None else r_max
         if not 1 <= r_min <= rank <= r_max <= min(in_features, out_features):
             raise ValueError(

@@ -159,3 +159,5 @@ def test_the_published_comparison_marks_what_lies_within_one_standard_deviation(
     assert list(table["within the published spread"]) == ["yes", "no"]
     assert list(table["difference (points)"]) == [-0.06, -0.45]
     assert table.loc["a", "ranks"] == "[6]" and table.loc["a", "published (%)"] == "98.16 ± 0.26"
+    assert list(table["ranks against published"]) == ["lower", "-"]  # 6 against 10; no published ranks
+    assert summary.target_verdict(table, ["a"]).text == "met" and summary.target_verdict(table, ["a", "b"]).text == "missed"

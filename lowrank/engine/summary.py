@@ -279,8 +279,16 @@ def published_comparison(results, published: dict[str, tuple[float, float, list[
         rows.append({"model": name, "test accuracy (%)": accuracy, "ranks": str(factorised) if factorised else "dense",
                      "published (%)": f"{mean:.2f} ± {std:.2f}", "published ranks": str(ranks) if ranks else "dense",
                      "difference (points)": round(accuracy - mean, 2) + 0.0,
-                     "within the published spread": "yes" if abs(accuracy - mean) <= std else "no"})
+                     "within the published spread": "yes" if abs(accuracy - mean) <= std else "no",
+                     "ranks against published": _rank_comparison(factorised, ranks)})
     return pd.DataFrame(rows).set_index("model")
+
+
+def _rank_comparison(ours: list[int], published: list[int] | None) -> str:
+    """Layer by layer, ``"higher"``, ``"equal"`` or ``"lower"`` than the published rank (``"-"`` without them)."""
+    if not published:
+        return "-"
+    return ", ".join("higher" if a > b else "equal" if a == b else "lower" for a, b in zip(ours, published, strict=True))
 
 
 def target_verdict(table: pd.DataFrame, names) -> Text:
