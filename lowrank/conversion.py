@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from lowrank.conv import DynamicalLowRankConv2d, LowRankConv2d
-from lowrank.layers import Dense, DynamicalLowRank, LowRank, _Factorised
+from lowrank.layers import Dense, DynamicalLowRank, LowRank
 from lowrank.optim import truncated_rank
 
 
@@ -127,7 +127,7 @@ def to_dense(model: nn.Module, inplace: bool = False) -> nn.Module:
     """``model`` with every low-rank layer (of :mod:`lowrank.layers` or :mod:`lowrank.conv`) replaced by the
     ``torch.nn.Linear`` or ``torch.nn.Conv2d`` that computes the same map: the inverse of :func:`convert`."""
     model = model if inplace else copy.deepcopy(model)
-    for name, module in [(n, m) for n, m in model.named_modules() if isinstance(m, _Factorised)]:
+    for name, module in [(n, m) for n, m in model.named_modules() if isinstance(m, (LowRank, DynamicalLowRank))]:
         dense = module.to_dense()
         dense = dense.to_linear() if isinstance(dense, Dense) else dense
         _replace(model, name, dense.train(module.training))
