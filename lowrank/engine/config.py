@@ -28,6 +28,10 @@ fields (ranks against dims, layers that must chain, ...) are written out in `_la
     notebooks/configs/fig_a.toml: model[1].layer[2].rank = 600 is larger than min(dims) = 512; allowed: 1..512
 
 Indices in key paths count from 0, in the order of the tables in the file.
+
+Figures that are not network studies (``[figure] kind = "matrix-ode"``, ...) declare their keys the same way,
+as fields of their own dataclass with ``option(..., table="run")``; :func:`experiment_tables` and
+:func:`table_values` check such a file with the same rules and messages, ``[quick]`` included.
 """
 
 import dataclasses
@@ -135,7 +139,8 @@ class LayerConfig:
     """One layer: a [[layer]] table. `init_scale`, and `rank` and `r_max` of a dynamical layer, are resolved (never None)."""
 
     type: str = option(help="dense: z = a W + b; lowrank: W = U S Vᵀ at fixed rank; dynamical: DLRT", choices=LAYER_TYPES)
-    dims: tuple[int, int] = option(help="(in_features, out_features)", min=1)
+    dims: tuple[int, int] = option(help="(in_features, out_features); a convolution's (in_channels, out_channels)",
+                                   min=1)
     activation: str = option("relu", "applied after the layer; identity for the output layer", choices=ACTIVATIONS)
     bias: bool = option(True, "add a bias b")
     init: str = option(
