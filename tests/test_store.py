@@ -58,3 +58,22 @@ activation = "identity"
         assert store.load_checkpoint(tmp_path, first) is None
     store.remove_checkpoint(tmp_path)
     assert not (tmp_path / store.CHECKPOINT_FILE).exists()
+
+
+def test_notebooks_are_written_atomically_and_as_nbformat_writes_them(tmp_path, monkeypatch):
+    import nbformat
+
+    from lowrank.engine import report
+
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell("# é")])
+    report.write_notebook(notebook, tmp_path / "a.ipynb")
+    nbformat.write(notebook, tmp_path / "b.ipynb")
+    assert (tmp_path / "a.ipynb").read_bytes() == (tmp_path / "b.ipynb").read_bytes()
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(nbformat, "writes", lambda nb: fail())
+    with pytest.raises(OSError):
+        report.write_notebook(notebook, tmp_path / "a.ipynb")
+    assert (tmp_path / "a.ipynb").read_bytes() == (tmp_path / "b.ipynb").read_bytes()  # the old file stays

@@ -145,6 +145,18 @@ def figure_keys(figure: Figure) -> dict[str, str]:
     return {"config": hashlib.sha256(f"{__version__}\n{tables}".encode()).hexdigest()[:16]}
 
 
+def write_notebook(notebook, path: Path) -> None:
+    """Write ``notebook`` to ``path`` as ``nbformat.write`` does, atomically (:func:`lowrank.engine.store.atomic_write`):
+    an interrupted write leaves the previous notebook, never half of one."""
+    import nbformat
+
+    from lowrank.engine.store import atomic_write  # imports torch, which the command-line parser must not
+
+    text = nbformat.writes(notebook)
+    with atomic_write(path) as file:
+        file.write((text if text.endswith("\n") else text + "\n").encode("utf-8"))
+
+
 def stamp_record(path: Path, figure: Figure, seconds: float, trained_epochs: int | None) -> None:
     """Store in the executed notebook at ``path`` what it was computed from and on what, and show it.
 
@@ -166,7 +178,7 @@ def stamp_record(path: Path, figure: Figure, seconds: float, trained_epochs: int
     notebook.metadata[RECORD_METADATA] = {"record": record}
     notebook.cells = [c for c in notebook.cells if "record" not in c.metadata.get("tags", [])]
     notebook.cells.append(nbformat.v4.new_markdown_cell(record_text(record, figure.name), metadata={"tags": ["record"]}))
-    nbformat.write(notebook, path)
+    write_notebook(notebook, path)
 
 
 def record_text(record: dict, name: str) -> str:
@@ -245,7 +257,7 @@ def hide_parameter_cells(path: Path) -> None:
         tags = cell.metadata.setdefault("tags", [])
         if {"parameters", "injected-parameters"} & set(tags) and "remove-cell" not in tags:
             tags.append("remove-cell")
-    nbformat.write(notebook, path)
+    write_notebook(notebook, path)
 
 
 def trained_epochs(progress_file: Path) -> int:
@@ -409,6 +421,6 @@ def refresh_notebooks(root: Path = Path("."), only: Iterable[str] = ()) -> list[
         with kernel_sockets() as config:
             NotebookClient(notebook, kernel_name="python3", resources={"metadata": {"path": str(figure.notebook.parent)}},
                            config=config).execute()
-        nbformat.write(notebook, figure.notebook)
+        write_notebook(notebook, figure.notebook)
         refreshed.append(figure.notebook)
     return refreshed

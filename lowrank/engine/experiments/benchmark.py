@@ -77,6 +77,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import io
 import math
 import os
 import platform
@@ -100,6 +101,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry, shape_wrapper
 
 from lowrank.engine import determinism, summary
+from lowrank.engine.store import atomic_write
 from lowrank.engine.config import ConfigError, Settings, experiment_tables, option, read_toml, table_values
 from lowrank.layers import Dense, DynamicalLowRank, LowRank
 from lowrank.network import NeuralNetwork
@@ -697,10 +699,12 @@ def main(argv: Sequence[str] = ()) -> list[dict]:
     header = environment(experiment)
     rows = run(experiment, log=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "step.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    with atomic_write(out / "step.csv") as file:
+        file.write(table.getvalue().encode())
     command = " ".join(["python -m lowrank benchmark", *argv])
     targets, operations = target_lines(rows), operation_lines(rows)
     text = "\n\n".join(
@@ -710,7 +714,8 @@ def main(argv: Sequence[str] = ()) -> list[dict]:
         + (["Top operations of one profiled step (share of its self time):\n\n" + "\n".join(operations)]
            if operations else [])
     )
-    (out / "step.md").write_text(text + "\n")
+    with atomic_write(out / "step.md") as file:
+        file.write((text + "\n").encode())
     print(text)
     print(f"\nwrote {out / 'step.csv'} and {out / 'step.md'}", file=sys.stderr)
     return rows
