@@ -6,7 +6,7 @@ report is :mod:`lowrank.engine`; the library never imports it. Names are importe
 ``lowrank.engine.config`` (and ``python -m lowrank --help``) load without torch.
 """
 
-__version__ = "0.4.0"
+__version__ = "0.5.0"
 
 _EXPORTS = {
     "Dense": "lowrank.layers",

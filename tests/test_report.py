@@ -70,8 +70,30 @@ def test_the_step_benchmark_runs_last_and_alone():
 def test_within_a_wave_the_figures_with_the_most_training_start_first():
     first = report.schedule(report.discover(ROOT))[0]
     work = [report.estimated_work(figure) for figure in first]
-    assert work == sorted(work, reverse=True) and first[0].name == "fig_f"  # 12 deep models, the longest
+    assert work == sorted(work, reverse=True) and first[0].name == "fig_o"  # LeNet5: 20 epochs of convolutions
     assert report.estimated_work(next(f for f in first if f.name == "fig_j")) == 0.0  # a matrix ODE, no network
+
+
+def test_a_convolution_costs_its_matrix_once_per_kernel_position():
+    lenet = {m.name: m for m in config.load(ROOT / "notebooks" / "configs" / "fig_o.toml").models}["dense"]
+    conv1, conv2 = lenet.layers[:2]  # 1 -> 20 channels, 5 x 5 on 28 x 28; 20 -> 50, 5 x 5 on 12 x 12
+    assert conv1.positions((1, 28, 28)) == 24 * 24 and conv2.positions((20, 12, 12)) == 8 * 8
+    dense_per_sample = 576 * 25 * 20 + 64 * 500 * 50 + sum(a * b for a, b in (l.dims for l in lenet.layers[2:]))
+    assert report.model_work(lenet) == lenet.settings.total_epochs * 50_000 * dense_per_sample
+
+
+def test_the_training_phase_trains_each_shared_model_once_the_longest_first():
+    figures = report.discover(ROOT)
+    queue = report.training_queue(figures, quick=False)
+    keys = [model.cache_key() for _, model in queue]
+    assert len(keys) == len(set(keys))
+    assert set(keys) == {m.cache_key() for f in figures if report.figure_kind(f.config) == "network"
+                         for m in report.figure_models(f.config)}
+    work = [report.model_work(model) for _, model in queue]
+    assert work == sorted(work, reverse=True)
+    owners = {model.cache_key(): figure.name for figure, model in queue}
+    shared = {m.name: m for m in report.figure_models(ROOT / "notebooks" / "configs" / "fig_b.toml")}["vanilla r=20 seed=0"]
+    assert owners[shared.cache_key()] == "fig_a"  # figures (b) and (d) read it from the cache
 
 
 def test_kernels_talk_over_unix_sockets_in_a_private_folder_removed_afterwards():

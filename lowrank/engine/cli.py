@@ -160,13 +160,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser(
         "report", help="execute every figure notebook with papermill, then build the book",
-        description="Execute notebooks/fig_*.ipynb with their TOML configs into book/figures/ (trained models "
-                    "are reused from the results cache), then run `jb build book/`. Run from the repository root.")
+        description="Train every model of the figures' TOML configs (N at a time, the longest first; models in the "
+                    "results cache are reused), execute notebooks/fig_*.ipynb into book/figures/ (N at a time), "
+                    "then run `jb build book/`. Run from the repository root.")
     p.add_argument("--quick", action="store_true",
                    help=f"train on {QUICK['subset']} images for {QUICK['num_epochs']} epochs "
                         f"in {QUICK['dtype']} (a fast end-to-end check; the notebooks' stored outputs)")
     p.add_argument("--force", action="store_true", help="retrain every model even if a cached result exists")
-    p.add_argument("--jobs", type=int, default=1, metavar="N", help="figures executed in parallel (default: 1)")
+    p.add_argument("--jobs", type=int, default=1, metavar="N", help="models trained, then figures executed, in parallel (default: 1)")
     p.add_argument("--only", nargs="+", metavar="FIGURE", default=(), help="run only these figures, e.g. fig_a")
     p.add_argument("--no-build", dest="build", action="store_false", help="skip `jb build book/`")
     p.add_argument("--out", metavar="DIR", type=Path, default=None,

@@ -190,8 +190,16 @@ class LayerConfig:
         """The shape of this layer's output (after its pooling) for an input of ``shape``: ``(n,)`` or ``(C, H, W)``."""
         if not self.convolution:
             return (self.dims[1],)
-        size = [(n + 2 * self.padding - self.kernel_size) // self.stride + 1 for n in shape[1:]]
-        return (self.dims[1], *(n // self.pool for n in size))
+        return (self.dims[1], *(n // self.pool for n in self._kernel_grid(shape)))
+
+    def positions(self, shape: tuple[int, ...]) -> int:
+        """How often ``W`` multiplies a column per sample for an input of ``shape``: the ``H' W'`` positions of a
+        convolution's kernel (before pooling), 1 for a linear layer."""
+        return math.prod(self._kernel_grid(shape)) if self.convolution else 1
+
+    def _kernel_grid(self, shape: tuple[int, ...]) -> list[int]:
+        """``[H', W']``: the kernel's positions along each image axis, ``(n + 2 padding - k) // stride + 1``."""
+        return [(n + 2 * self.padding - self.kernel_size) // self.stride + 1 for n in shape[1:]]
 
     def to_dict(self) -> dict:
         """The keys this layer's type uses (others are irrelevant and stay out of the cache key; so are the

@@ -2,9 +2,10 @@
 
 Each figure is a pair ``notebooks/fig_X.ipynb`` + ``notebooks/configs/fig_X.toml``. The runner validates
 every TOML first (a config error stops before any training; a figure that is not a network study names
-its ``[figure] kind`` and is checked by that kind's loader, :data:`FIGURE_KINDS`), executes the notebooks
-with papermill into ``book/figures/`` (``--jobs N`` at a time, each kernel on one thread), shows which
-figure, model and epoch is running, and finally runs ``jb build book/``. Trained models are cached by
+its ``[figure] kind`` and is checked by that kind's loader, :data:`FIGURE_KINDS`), trains every model of
+every figure (``--jobs N`` at a time, the most work first, each on one thread: :func:`train_models`),
+executes the notebooks with papermill into ``book/figures/`` (``--jobs N`` at a time, each kernel on one
+thread), shows which figure, model and epoch is running, and finally runs ``jb build book/``. Trained models are cached by
 their config's hash in the results folder, so a second run only re-executes the notebooks; ``force``
 retrains.
 
@@ -161,8 +162,9 @@ def stamp_record(path: Path, figure: Figure, seconds: float, trained_epochs: int
     """Store in the executed notebook at ``path`` what it was computed from and on what, and show it.
 
     The metadata (:data:`RECORD_METADATA`) holds :func:`figure_keys`, :func:`machine`, the UTC time, the
-    wall time and ``trained_epochs``, the epochs this execution trained (0: every model came from the
-    results cache, and the wall time is that of reading them; ``None`` for a figure that is not a network
+    notebook's wall time and ``trained_epochs``, the epochs this run of the report trained for the figure (its first
+    phase, :func:`train_models`, or the notebook; 0: every model came from the results cache of an earlier run;
+    ``None`` for a figure that is not a network
     study); a last markdown cell states the same for the reader of the book.
     """
     import datetime
@@ -184,10 +186,10 @@ def stamp_record(path: Path, figure: Figure, seconds: float, trained_epochs: int
 def record_text(record: dict, name: str) -> str:
     """The "Record of this page" box of figure ``name`` for the ``record`` metadata of :func:`stamp_record`."""
     m, epochs = record["machine"], record["trained_epochs"]
-    trained = ("" if epochs is None else f" ({epochs} epochs trained in this run)" if epochs
+    trained = ("" if epochs is None else f" (its models trained by this run of the report: {epochs} epochs)" if epochs
                else " (every model read from the results cache of an earlier run)")
     return (f":::{{admonition}} Record of this page\n"
-            f"Executed {record['executed']} in {record['wall_seconds']:.0f} s of wall time{trained} on {m['cpu']} "
+            f"Executed {record['executed']}, the notebook in {record['wall_seconds']:.0f} s of wall time{trained}, on {m['cpu']} "
             f"({m['cores']} cores, {m['torch_threads']} torch thread per figure, ATen {m['cpu_kernels']} kernels): "
             f"Python {m['python']}, torch {m['torch']}, numpy {m['numpy']}, {m['blas']}, lowrank {m['lowrank']}. "
             f"Reproduce it with `python -m lowrank report --only {name}` "
@@ -295,25 +297,28 @@ class ProgressBoard:
 DLRT_COST_FACTOR = 6.0
 
 
-def estimated_work(figure: Figure) -> float:
-    """A figure's training work in multiply-adds, for ordering (:func:`schedule`): over its own models, epochs x
+def model_work(model: cfg.ModelConfig) -> float:
+    """A model's training work in multiply-adds, for ordering (:func:`schedule`, :func:`train_models`): epochs x
     training images x the per-sample cost of each layer (dense ``n_in n_out``, vanilla ``r (n_in + n_out + r)``,
-    dynamical ``DLRT_COST_FACTOR r (n_in + n_out)`` at the start rank). 0 for a figure that trains no networks."""
+    dynamical ``DLRT_COST_FACTOR r (n_in + n_out)`` at the start rank), times a convolution's kernel positions."""
     from lowrank.engine.data import SPLIT_SIZES
 
+    per_sample, shape = 0.0, cfg.IMAGE_SHAPES[model.settings.dataset]
+    for layer in model.layers:
+        n_in, n_out = layer.matrix_dims
+        rank = layer.rank or 0
+        per_sample += layer.positions(shape) * {"dense": n_in * n_out, "lowrank": rank * (n_in + n_out + rank),
+                                                "dynamical": DLRT_COST_FACTOR * rank * (n_in + n_out)}[layer.type]
+        shape = layer.output_shape(shape)
+    return model.settings.total_epochs * (model.settings.subset or SPLIT_SIZES["train"]) * per_sample
+
+
+def estimated_work(figure: Figure) -> float:
+    """A figure's training work in multiply-adds (:func:`model_work` over its own models); 0 for a figure that
+    trains no networks."""
     if figure_kind(figure.config) != "network":
         return 0.0
-    work = 0.0
-    for model in cfg.load(figure.config).models:
-        per_sample = 0.0
-        for layer in model.layers:
-            n_in, n_out = layer.matrix_dims
-            per_sample += {"dense": n_in * n_out,
-                           "lowrank": (layer.rank or 0) * (n_in + n_out + (layer.rank or 0)),
-                           "dynamical": DLRT_COST_FACTOR * (layer.rank or 0) * (n_in + n_out)}[layer.type]
-        images = model.settings.subset or SPLIT_SIZES["train"]
-        work += model.settings.total_epochs * images * per_sample
-    return work
+    return sum(model_work(model) for model in cfg.load(figure.config).models)
 
 
 #: Figure kinds that measure time: they run last, in a wave of their own, so that no other figure shares the CPU.
@@ -338,6 +343,50 @@ def schedule(figures: list[Figure]) -> list[list[Figure]]:
     return waves + ([timing] if timing else [])
 
 
+def training_queue(figures: list[Figure], quick: bool) -> list[tuple[Figure, cfg.ModelConfig]]:
+    """Every model the network figures among ``figures`` train or read, each once (by cache key, under the first
+    figure that names it), the most work (:func:`model_work`) first: the order of :func:`train_models`."""
+    queue: dict[str, tuple[Figure, cfg.ModelConfig]] = {}
+    for figure in figures:
+        if figure_kind(figure.config) == "network":
+            for model in figure_models(figure.config, quick):
+                queue.setdefault(model.cache_key(), (figure, model))
+    return sorted(queue.values(), key=lambda item: model_work(item[1]), reverse=True)
+
+
+def train_model(model: cfg.ModelConfig, force: bool, results_dir: Path, progress_file: Path) -> str | None:
+    """Train one model into the results cache (one thread), reporting each epoch as :func:`train_figure` does;
+    returns the message of a :class:`~lowrank.engine.training.TrainingDivergedError` (the figure notebook that
+    shows the model reports it), else ``None``."""
+    from lowrank.engine.training import TrainingDivergedError, train
+
+    def report_epoch(row) -> None:
+        with open(progress_file, "a") as stream:
+            stream.write(json.dumps({"model": model.name, "epoch": int(row["epoch"]),
+                                     "epochs": model.settings.total_epochs}) + "\n")
+
+    try:
+        train(model, results_dir=results_dir, force=force, on_epoch=report_epoch)
+    except TrainingDivergedError as error:
+        return str(error)
+    return None
+
+
+def train_models(pool: ProcessPoolExecutor, figures: list[Figure], quick: bool, force: bool, results_dir: Path,
+                 board: ProgressBoard) -> None:
+    """The report's first phase: every model of :func:`training_queue`, as many at a time as ``pool`` has
+    workers, so that a figure's models train side by side and the notebooks then read them from the cache."""
+    running = {pool.submit(train_model, model, force, results_dir, board.files[figure.name]): (figure, model)
+               for figure, model in training_queue(figures, quick)}
+    while running:
+        finished, _ = wait(running, timeout=2, return_when=FIRST_COMPLETED)
+        board.poll()
+        for future in finished:
+            figure, model = running.pop(future)
+            diverged = future.result()
+            print(f"{figure.name}: {model.name}: {'diverged (' + diverged + ')' if diverged else 'trained'}", flush=True)
+
+
 def run(
     root: Path = Path("."),
     quick: bool = False,
@@ -347,7 +396,8 @@ def run(
     build: bool = True,
     results_dir: Path | None = None,
 ) -> list[Path]:
-    """Execute the figure notebooks (all, or those named in ``only``) and build the book."""
+    """Train the models of the figures (all, or those named in ``only``) ``jobs`` at a time
+    (:func:`train_models`), execute their notebooks ``jobs`` at a time (:func:`schedule`), build the book."""
     root = root.resolve()
     figures = [f for f in discover(root) if not only or f.name in set(only)]
     for figure in figures:
@@ -359,11 +409,14 @@ def run(
     outputs = []
     start = time.perf_counter()
     with ProcessPoolExecutor(max_workers=jobs) as pool:
+        train_models(pool, figures, quick, force, results_dir, board)
+        print(f"all models trained in {time.perf_counter() - start:.0f} s", flush=True)
         for wave in schedule(figures):
             running: dict[Future, Figure] = {}
             for figure in wave:
                 print(f"{figure.name}: queued ({'quick' if quick else 'full size'})", flush=True)
-                running[pool.submit(execute, figure, quick, force, results_dir, board.files[figure.name])] = figure
+                # force=False: the first phase retrained what force asked for; the notebooks read it
+                running[pool.submit(execute, figure, quick, False, results_dir, board.files[figure.name])] = figure
             while running:
                 finished, _ = wait(running, timeout=2, return_when=FIRST_COMPLETED)
                 board.poll()
