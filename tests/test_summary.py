@@ -120,7 +120,7 @@ def test_basis_intervals_are_judged_against_k_1_and_against_dense():
 
 
 def sweep_result(name: str, seed: int, accuracy: float, ranks: list[int]) -> SimpleNamespace:
-    history = pd.DataFrame({"compression": [0.5], "train_seconds_cum": [1.0],
+    history = pd.DataFrame({"parameters": [1000], "compression": [0.5], "flops_per_sample": [2e5], "train_seconds_cum": [1.0],
                             **{f"rank_{i}": [r] for i, r in enumerate([*ranks, 10])}})
     return SimpleNamespace(config=SimpleNamespace(name=f"{name} seed={seed}"), test_accuracy=accuracy / 100,
                            history=history)

@@ -1,7 +1,13 @@
 """Matplotlib figures and summary tables of training results, used by the figure notebooks.
 
 Every function takes a list of :class:`lowrank.engine.training.TrainingResult` (``name``, ``history``,
-``test_accuracy``, ...) and returns a ``matplotlib.figure.Figure`` or a pandas ``DataFrame``.
+``test_accuracy``, ...) and returns a ``matplotlib.figure.Figure`` or a pandas ``DataFrame``. A model trained
+from several seeds (``[figure] seeds``, named ``"<name> seed=<s>"``) is one entry: its mean, with the range
+over the seeds as a band or an error bar.
+
+Figures are drawn for the book's page: :data:`PAGE_WIDTH` inches wide, so that the book shows them at their
+own size and their text reads like the body text. Each model keeps one colour across the figures of a page:
+its position among the models of the figure (:func:`colours`), whichever subset a figure shows.
 """
 
 from __future__ import annotations
@@ -14,61 +20,100 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from lowrank.engine.summary import Seconds, hidden_rank_columns, seed_groups, seed_statistics
+from lowrank.engine.summary import Seconds, hidden_rank_columns, rank_ranges_text, seed_groups, seed_statistics
 
+#: Width of a figure in inches: the text column of the book at 1400 px (about 760 px at 100 px per inch).
+PAGE_WIDTH = 7.6
+#: Pixels per inch of the stored PNGs: sharper than the page needs, shown at PAGE_WIDTH * 100 px.
+DPI = 150
 CURVES = (("train_loss", "training loss"), ("val_loss", "validation loss"),
-          ("train_accuracy", "training accuracy"), ("val_accuracy", "validation accuracy"))
+          ("train_accuracy", "training accuracy (%)"), ("val_accuracy", "validation accuracy (%)"))
 
 
-def label(result) -> str:
-    """``name (parameters, compression)`` for legends."""
-    last = result.history.iloc[-1]
-    return f"{result.config.name} ({last['parameters'] / 1e3:,.0f}k params, {last['compression']:.0%} fewer)"
+def page_figure(height: float, width: float = PAGE_WIDTH, **subplots) -> tuple[Figure, np.ndarray]:
+    """A figure of the page's width (constrained layout, :data:`DPI`) and its axes (``plt.subplots(**subplots)``,
+    always a 2-d array)."""
+    return plt.subplots(figsize=(width, height), dpi=DPI, layout="constrained", squeeze=False, **subplots)
 
 
-def summary_table(results: Sequence, readable: bool = True) -> pd.DataFrame:
-    """One row per model: test accuracy, parameters, compression, FLOPs, ranks and training time.
-
-    ``readable``: the training time as text (``"12.3 s"``, see :class:`lowrank.engine.summary.Seconds`), for display;
-    otherwise as a number of seconds, for plotting.
-    """
-    rows = []
-    for result in results:
-        last = result.history.iloc[-1]
-        ranks = [int(last[c]) for c in hidden_rank_columns(result.history)]
-        seconds = float(last["train_seconds_cum"])
-        rows.append({
-            "model": result.config.name,
-            "test accuracy (%)": round(100 * result.test_accuracy, 2),
-            "parameters": int(last["parameters"]),
-            "compression (%)": round(100 * float(last["compression"]), 1),
-            "MFLOPs / sample": round(float(last["flops_per_sample"]) / 1e6, 3),
-            "hidden ranks": str(ranks),
-            "training time": str(Seconds(seconds)) if readable else seconds,
-        })
-    return pd.DataFrame(rows).set_index("model")
+def colours(results: Sequence) -> dict[str, str]:
+    """One colour per model of a figure, by its position among the models (seeds of one model share it)."""
+    return {name: f"C{i % 10}" for i, name in enumerate(seed_groups(results))}
 
 
-def seed_table(results: Sequence) -> pd.DataFrame:
-    """One row per model of a figure with ``[figure] seeds``: mean test accuracy, its half-range over the seeds,
-    each seed's final hidden ranks, mean compression and mean training time (:func:`lowrank.engine.summary.seed_statistics`)."""
+def label(members: Sequence) -> str:
+    """``name (parameters, compression)`` of a model (the mean over its seeds), for legends."""
+    stats = seed_statistics(members)
+    return f"{_name(members)} ({stats['parameters'] / 1e3:,.0f}k params, {stats['compression']:.0f}% fewer)"
+
+
+def _name(members: Sequence) -> str:
+    return next(iter(seed_groups(members)))
+
+
+def _mean_and_range(members: Sequence, column: str, scale: float = 1.0) -> tuple[np.ndarray, ...]:
+    """Per epoch, over the seeds: the epochs, the mean, the lowest and the highest value of a history column."""
+    values = np.stack([scale * m.history[column].to_numpy(dtype=float) for m in members])
+    return members[0].history["epoch"].to_numpy(), values.mean(0), values.min(0), values.max(0)
+
+
+def _band(ax, members: Sequence, column: str, colour: str, scale: float = 1.0, **line) -> None:
+    """A model's mean curve of ``column`` and, over several seeds, their range as a shaded band."""
+    epochs, mean, low, high = _mean_and_range(members, column, scale)
+    ax.plot(epochs, mean, color=colour, marker=".", **line)
+    if len(members) > 1:
+        ax.fill_between(epochs, low, high, color=colour, alpha=0.2, linewidth=0)
+
+
+def accuracy_limits(groups: dict[str, Sequence], column: str) -> tuple[float, float]:
+    """The range of an accuracy axis (%) that shows the differences: from the lowest mean after the first epoch
+    of training (epoch 1; the untrained network lies below) to the highest value, with a margin."""
+    low = min(_mean_and_range(m, column, 100)[1][1:].min() for m in groups.values())
+    high = max(_mean_and_range(m, column, 100)[3].max() for m in groups.values())
+    margin = 0.05 * (high - low) + 0.05
+    return low - margin, min(100.0, high + margin)
+
+
+def _seed_rows(results: Sequence, readable: bool) -> list[dict]:
     rows = []
     for name, members in seed_groups(results).items():
         stats = seed_statistics(members)
-        rows.append({"model": name, "test accuracy (%)": round(stats["test_accuracy"], 2),
-                     "± (half-range)": round(stats["spread"], 2), "seeds": stats["seeds"],
-                     "hidden ranks (each seed)": " / ".join(str(r) for r in stats["ranks"]),
-                     "compression (%)": round(stats["compression"], 1), "training time": str(Seconds(stats["seconds"]))})
-    return pd.DataFrame(rows).set_index("model")
+        rows.append({
+            "model": name, "test accuracy (%)": round(stats["test_accuracy"], 2),
+            "± (half-range)": round(stats["spread"], 2), "seeds": stats["seeds"],
+            "parameters": round(stats["parameters"]), "compression (%)": round(stats["compression"], 1),
+            "MFLOPs / sample": round(stats["mflops"], 3), "hidden ranks": rank_ranges_text(stats),
+            "training time": str(Seconds(stats["seconds"])) if readable else stats["seconds"],
+        })
+    return rows
+
+
+def summary_table(results: Sequence, readable: bool = True) -> pd.DataFrame:
+    """One row per model: test accuracy, parameters, compression, FLOPs, final hidden ranks and training time.
+
+    A model trained from several seeds is one row of means, with the half-range of its test accuracy
+    (``± (half-range)``), its number of seeds and each hidden layer's lowest to highest rank. ``readable``: the
+    training time as text (``"12.3 s"``, see :class:`lowrank.engine.summary.Seconds`), for display; otherwise
+    as a number of seconds, for plotting.
+    """
+    table = pd.DataFrame(_seed_rows(results, readable)).set_index("model")
+    if (table["seeds"] == 1).all():
+        table = table.drop(columns=["± (half-range)", "seeds"])
+    return table
+
+
+def seed_table(results: Sequence) -> pd.DataFrame:
+    """:func:`summary_table` of a figure with ``[figure] seeds``: always with the spread and number of seeds."""
+    return pd.DataFrame(_seed_rows(results, readable=True)).set_index("model")
 
 
 def seed_bars(results: Sequence, title: str = "") -> Figure:
     """Mean test accuracy of each model over its seeds, with the range of the seeds as an error bar."""
     groups = seed_groups(results)
     stats = [seed_statistics(members) for members in groups.values()]
-    fig, ax = plt.subplots(figsize=(8, 0.45 * len(groups) + 1.2), layout="constrained")
+    fig, ((ax,),) = page_figure(0.32 * len(groups) + 1.2)
     means = [s["test_accuracy"] for s in stats]
-    ax.barh(range(len(groups)), means, xerr=[s["spread"] for s in stats], color=[f"C{i % 10}" for i in range(len(groups))],
+    ax.barh(range(len(groups)), means, xerr=[s["spread"] for s in stats], color=list(colours(results).values()),
             capsize=3)
     ax.set_yticks(range(len(groups)), list(groups))
     ax.invert_yaxis()
@@ -80,96 +125,127 @@ def seed_bars(results: Sequence, title: str = "") -> Figure:
 
 
 def training_curves(results: Sequence, title: str = "") -> Figure:
-    """Losses and accuracies per epoch (2 x 2) and each model's training time (the seed study's timer)."""
-    fig = plt.figure(figsize=(13, 7), layout="constrained")
-    grid = fig.add_gridspec(2, 3, width_ratios=(1, 1, 0.8))
+    """Losses and accuracies per epoch (2 x 2; mean over the seeds, their range shaded) and each model's training
+    time (the seed study's timer; mean, the range of the seeds as an error bar). The accuracy axes are zoomed to
+    the trained epochs (:func:`accuracy_limits`)."""
+    groups, colour = seed_groups(results), colours(results)
+    fig = plt.figure(figsize=(PAGE_WIDTH, 6.2 + 0.25 * len(groups)), dpi=DPI, layout="constrained")
+    grid = fig.add_gridspec(3, 2, height_ratios=(1, 1, 0.25 + 0.1 * len(groups)))
     for i, (column, name) in enumerate(CURVES):
         ax = fig.add_subplot(grid[i // 2, i % 2])
-        for result in results:
-            ax.plot(result.history["epoch"], result.history[column], marker=".", label=label(result))
+        scale = 100 if "accuracy" in column else 1
+        for model, members in groups.items():
+            _band(ax, members, column, colour[model], scale, label=label(members))
         ax.set(xlabel="epoch", ylabel=name)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if "loss" in column:
             ax.set_yscale("log")
+        else:  # from the first trained epoch: the untrained network's accuracy lies below the axis
+            ax.set(xlim=(0.7, None), ylim=accuracy_limits(groups, column))
         ax.grid(alpha=0.3)
-    timer = fig.add_subplot(grid[:, 2])
-    names = [r.config.name for r in results]
-    seconds = [float(r.history["train_seconds_cum"].iloc[-1]) for r in results]
-    bars = timer.barh(names, seconds, color=[f"C{i}" for i in range(len(results))])
-    timer.bar_label(bars, labels=[f"{s:.1f} s" for s in seconds], padding=3)
+    timer = fig.add_subplot(grid[2, :])
+    stats = [seed_statistics(members) for members in groups.values()]
+    seconds, spreads = [s["seconds"] for s in stats], [s["seconds_spread"] for s in stats]
+    timer.barh(list(groups), seconds, xerr=spreads, color=[colour[m] for m in groups], capsize=3)
+    for row, (mean, spread) in enumerate(zip(seconds, spreads)):
+        timer.annotate(f"{mean:.1f} s", (mean + spread, row), xytext=(4, 0), textcoords="offset points", va="center")
     timer.invert_yaxis()
-    timer.set(xlabel="training time (s, data loading excluded)", title="timer")
-    timer.set_xlim(0, 1.25 * max(seconds))
-    fig.legend(*fig.axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=min(3, len(results)))
+    timer.set(xlabel="training time (s, data loading excluded)", xlim=(0, 1.3 * max(seconds)))
+    timer.tick_params(axis="y", labelsize="small")
+    fig.legend(*fig.axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=2, fontsize="small")
     if title:
         fig.suptitle(title)
     return fig
 
 
 def rank_curves(results: Sequence) -> Figure:
-    """Each low-rank layer's rank per epoch (one panel per hidden layer, one line per model)."""
-    layers = hidden_rank_columns(results[0].history)
-    fig, axes = plt.subplots(1, len(layers), figsize=(5 * len(layers), 3.5), layout="constrained", squeeze=False)
-    for ax, column in zip(axes[0], layers):
-        for result in results:
-            ax.plot(result.history["epoch"], result.history[column], marker=".", label=result.config.name)
+    """Each low-rank layer's rank per epoch (one panel per hidden layer; one line per model, the mean over its
+    seeds with their range shaded). Dense models are left out; the others keep their colours (:func:`colours`)."""
+    groups, colour = seed_groups(results), colours(results)
+    factorised = {name: members for name, members in groups.items()
+                  if any(layer.type != "dense" for layer in members[0].config.layers)}
+    layers = hidden_rank_columns(next(iter(factorised.values()))[0].history)
+    columns = min(len(layers), 2)
+    fig, axes = page_figure(2.8 * -(-len(layers) // columns) + 0.6, ncols=columns, nrows=-(-len(layers) // columns))
+    for ax, column in zip(axes.flat, layers):
+        for name, members in factorised.items():
+            _band(ax, members, column, colour[name], label=name)
         ax.set(xlabel="epoch", ylabel="rank", title=f"layer {column.removeprefix('rank_')}", yscale="log")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-    axes[0][-1].legend()
+    for ax in list(axes.flat)[len(layers):]:
+        ax.remove()
+    fig.legend(*axes.flat[0].get_legend_handles_labels(), loc="outside lower center", ncols=3, fontsize="small")
     return fig
 
 
 def sweep(results: Sequence, values: Sequence[float], xlabel: str, logx: bool = False) -> Figure:
-    """Test accuracy, parameters and training time against a swept hyper-parameter."""
+    """Test accuracy, parameters and training time against a swept hyper-parameter (one value per model, in the
+    figure's order; means over the seeds, the range of the accuracy as an error bar)."""
     table = summary_table(results, readable=False)
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.5), layout="constrained")
-    for ax, column in zip(axes, ("test accuracy (%)", "parameters", "training time")):
-        ax.plot(values, table[column], marker="o")
-        ax.set(xlabel=xlabel, ylabel=column, xscale="log" if logx else "linear")
+    spread = table["± (half-range)"] if "± (half-range)" in table else None
+    fig, axes = page_figure(2.8, ncols=3)
+    for ax, column in zip(axes[0], ("test accuracy (%)", "parameters", "training time")):
+        ax.errorbar(values, table[column], yerr=spread if column == "test accuracy (%)" else None, marker="o", capsize=3)
+        ax.set(xlabel=xlabel, ylabel=column + (" (s)" if column == "training time" else ""),
+               xscale="log" if logx else "linear")
         ax.grid(alpha=0.3)
     return fig
 
 
 def pareto(results: Sequence) -> Figure:
-    """Test accuracy against parameters and against training time; the Pareto-optimal models joined."""
+    """Test accuracy against parameters and against training time (means over the seeds, the range of the
+    accuracy as an error bar); the Pareto-optimal models (:func:`pareto_front`) joined."""
     table = summary_table(results, readable=False)
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5), layout="constrained")
-    for ax, cost in zip(axes, ("parameters", "training time")):
-        for i, (name, row) in enumerate(table.iterrows()):
-            ax.scatter(row[cost], row["test accuracy (%)"], color=f"C{i % 10}", label=name, zorder=3)
+    spread = table["± (half-range)"] if "± (half-range)" in table else pd.Series(0.0, index=table.index)
+    colour = colours(results)
+    fig, axes = page_figure(3.4 + 0.12 * len(table), ncols=2, sharey=True)
+    for ax, cost in zip(axes[0], ("parameters", "training time")):
+        for name, row in table.iterrows():
+            ax.errorbar(row[cost], row["test accuracy (%)"], yerr=spread[name], color=colour[name], marker="o",
+                        capsize=2, label=name, zorder=3)
         front = pareto_front(table, cost)
         ax.step(front[cost], front["test accuracy (%)"], where="post", color="gray", alpha=0.6, zorder=2)
-        ax.set(xscale="log", xlabel=cost + (" (s)" if cost == "training time" else ""), ylabel="test accuracy (%)")
+        ax.set(xscale="log", xlabel=cost + (" (s)" if cost == "training time" else ""))
         ax.grid(alpha=0.3)
-    axes[1].legend(loc="center left", bbox_to_anchor=(1.02, 0.5))
+    axes[0][0].set_ylabel("test accuracy (%)")
+    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="outside lower center", ncols=3, fontsize="small")
     return fig
 
 
 def pareto_front(table: pd.DataFrame, cost: str) -> pd.DataFrame:
-    """Rows not beaten by a cheaper (lower ``cost``) row with a higher test accuracy, sorted by cost."""
-    ordered = table.sort_values([cost, "test accuracy (%)"], ascending=[True, False])
-    best = ordered["test accuracy (%)"].cummax()
-    return ordered[ordered["test accuracy (%)"] >= best]
+    """The rows that no cheaper row (lower or equal ``cost``) beats in test accuracy beyond the seed spread: a row
+    is beaten when the other's mean is higher by more than the sum of the two half-ranges (``± (half-range)``,
+    0 without seeds). Sorted by cost."""
+    spread = table["± (half-range)"] if "± (half-range)" in table else pd.Series(0.0, index=table.index)
+    accuracy = table["test accuracy (%)"]
+
+    def beaten(name) -> bool:
+        cheaper = table.index[(table[cost] <= table.loc[name, cost]) & (table.index != name)]
+        return bool((accuracy[cheaper] - spread[cheaper] > accuracy[name] + spread[name]).any())
+
+    front = [name for name in table.index if not beaten(name)]
+    return table.loc[front].sort_values([cost, "test accuracy (%)"], ascending=[True, False])
 
 
 # ---------------------------------------------------------------------------------------------
 # Layer-wise views: effective ranks, spectra, within-class variability, truncation (issue 7)
 
-def _panels(count: int, columns: int = 2, width: float = 5.0, height: float = 3.4):
-    """A figure with ``count`` panels in rows of ``columns`` (unused panels removed), and the flat list of axes."""
+def _panels(count: int, columns: int = 2, height: float = 2.6):
+    """A page-wide figure with ``count`` panels in rows of ``columns`` (unused panels removed), and the flat list
+    of axes; the legend goes below (:func:`_legend_below`)."""
     columns = min(columns, count)
     rows = -(-count // columns)
-    fig, grid = plt.subplots(rows, columns, figsize=(width * columns + 2.5, height * rows), layout="constrained",
-                             squeeze=False)
+    fig, grid = page_figure(height * rows + 0.8, ncols=columns, nrows=rows)
     axes = list(grid.flat)
     for ax in axes[count:]:
         ax.remove()
     return fig, axes[:count]
 
 
-def _outside_legend(fig: Figure, ax) -> None:
-    fig.legend(*ax.get_legend_handles_labels(), loc="outside right center", fontsize="small")
+def _legend_below(fig: Figure, ax, columns: int = 3) -> None:
+    """The legend of ``ax`` under the panels, across the page."""
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncols=columns, fontsize="small")
 
 
 def layer_curves(results, prefix: str, ylabel: str, layers: Sequence[int] | None = None, logy: bool = False,
@@ -202,9 +278,11 @@ def layer_curves(results, prefix: str, ylabel: str, layers: Sequence[int] | None
                yscale="log" if logy else "linear")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-    for group, members in groups.items():  # one legend per group: the model names differ between groups
-        ax = axes[[g for g, _, _ in panels].index(group) + len(layers) - 1]
-        ax.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.02, 0.5))
+    if len(groups) == 1:
+        _legend_below(fig, axes[0])
+    else:  # one legend per group, in its last panel: the model names differ between groups
+        for group in groups:
+            axes[[g for g, _, _ in panels].index(group) + len(layers) - 1].legend(fontsize="x-small")
     return fig
 
 
@@ -215,8 +293,7 @@ def comparison_bars(groups: dict[str, Sequence], column: str = "test accuracy (%
     The x-axis starts near the smallest value, so that small differences show: read the value labels.
     """
     tallest = max(len(members) for members in groups.values())
-    fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 0.4 * tallest + 1.3), layout="constrained",
-                             squeeze=False)
+    fig, axes = page_figure(0.3 * tallest + 1.3, ncols=len(groups))
     for ax, (group, members) in zip(axes[0], groups.items()):
         table = summary_table(members, readable=False)
         names = [name.split(strip, 1)[-1] for name in table.index]
@@ -253,7 +330,7 @@ def normalised_spectra(results: Sequence, epoch: int | None = None, tolerance: f
             ax.axhline(tolerance, color="gray", linestyle=":", label=f"tolerance {tolerance:g}")
         ax.set(xlabel="index i", ylabel=r"$\sigma_i / \|W\|_F$", yscale="log", title=f"layer {layer}")
         ax.grid(alpha=0.3)
-    _outside_legend(fig, axes[0])
+    _legend_below(fig, axes[0])
     return fig
 
 
@@ -273,7 +350,7 @@ def spectrum_evolution(result, tolerance: float | None = 1e-3) -> Figure:
             ax.axhline(tolerance, color="gray", linestyle=":")
         ax.set(xlabel="index i", ylabel=r"$\sigma_i / \|W\|_F$", yscale="log", title=f"layer {layer}")
         ax.grid(alpha=0.3)
-    _outside_legend(fig, axes[0])
+    _legend_below(fig, axes[0])
     fig.suptitle(result.config.name)
     return fig
 
@@ -288,7 +365,7 @@ def truncation_curves(tables: dict[str, pd.DataFrame]) -> Figure:
     axes[1].set(xscale="log", xlabel="tolerance eps", ylabel="factor parameters r (n_in + n_out) (%)")
     for ax in axes:
         ax.grid(alpha=0.3)
-    _outside_legend(fig, axes[0])
+    _legend_below(fig, axes[0])
     return fig
 
 
@@ -297,20 +374,18 @@ def ode_errors(table: pd.DataFrame, steps: Sequence[float], sigma_mins: Sequence
     """Figure (j): the error to ``X(t)`` over time of each integrator, one panel per step (rows, largest first)
     and smallest singular value (columns); a run that blew up says so in the legend."""
     steps = sorted(steps, reverse=True)
-    fig, axes = plt.subplots(len(steps), len(sigma_mins), figsize=(3.2 * len(sigma_mins), 2.4 * len(steps)),
-                             sharex=True, sharey=True, squeeze=False)
+    fig, axes = page_figure(1.9 * len(steps) + 0.4, nrows=len(steps), ncols=len(sigma_mins), sharex=True, sharey=True)
     for (h, s), ax in zip([(h, s) for h in steps for s in sigma_mins], axes.flat):
         for method, style in zip(methods, ["-o", "-s", "-", "-^", ":"]):
             run = table[(table.method == method) & (table.step == h) & (table.sigma_min == s) & (table.time > 0)]
             ax.semilogy(run.time, run.error, style, markersize=3,
                         label=method + (" (diverged)" if run.diverged.any() else ""))
-        ax.set_title(f"sigma_min = {s:g}, h = {h:g}", fontsize=9)
+        ax.set_title(f"sigma_min = {s:g}, h = {h:g}", fontsize="small")
     for ax in axes[-1]:
         ax.set_xlabel("t")
     for ax in axes[:, 0]:
         ax.set_ylabel("error to X(t)")
-    axes[0, 0].legend(fontsize=7)
-    fig.tight_layout()
+    _legend_below(fig, axes[0, 0], columns=len(methods))
     return fig
 
 
@@ -318,17 +393,40 @@ def adapter_budget(history: pd.DataFrame, weights: pd.DataFrame, layer_names: Se
                    threshold: float) -> Figure:
     """Figure (k): how the budget ``tau`` is shared between the layers' adapters over the outer steps (left), and
     the final weights ``s`` of each layer, largest first, against the pruning ``threshold`` (right)."""
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
+    fig, ((left, right),) = page_figure(3.4, ncols=2)
     for i, name in enumerate(layer_names):
         left.plot(history.step, history[f"mass_{i}"], label=name)
     left.set(xlabel="outer step", ylabel="sum of s in the layer", title=f"Where the budget tau = {tau:g} goes")
-    left.legend()
+    left.legend(fontsize="x-small")
     for i, name in enumerate(layer_names):
         s = weights[weights.layer == i].s.to_numpy()
         ranks = np.arange(1, len(s) + 1)
         right.semilogy(ranks[s > 0], s[s > 0], "o-", markersize=3, label=name)
     right.axhline(threshold, color="gray", linestyle="--", label="threshold")
     right.set(xlabel="term (largest first)", ylabel="s_i (non-zero only)", title="Final weights s")
-    right.legend(fontsize=8)
-    fig.tight_layout()
+    right.legend(fontsize="x-small")
+    return fig
+
+
+def step_benchmark(rows: Sequence[dict], widths: Sequence[int]) -> Figure:
+    """Figure (n): each variant's training-step time over torch's dense step against its FLOP limit (the ratio of
+    its forward and backward FLOPs to dense's), one marker per width, the rank beside each point; on the dotted
+    diagonal a step is as fast as its FLOPs allow."""
+    variants = list(dict.fromkeys(row["variant"] for row in rows))
+    colour = {variant: f"C{i % 10}" for i, variant in enumerate(variants)}
+    marker = dict(zip(widths, "os^D"))
+    fig, ((ax,),) = page_figure(4.6)
+    for row in rows:
+        ax.scatter(row["flop_limit"], row["step_x"], color=colour[row["variant"]], marker=marker[row["width"]])
+        ax.annotate(str(row["rank"]), (row["flop_limit"], row["step_x"]), xytext=(4, 2), textcoords="offset points",
+                    fontsize="x-small")
+    handles = [ax.scatter([], [], color=colour[v], label=v) for v in variants]
+    handles += [ax.scatter([], [], color="grey", marker=marker[w], label=f"w = {w}") for w in widths]
+    low = min(min(row["flop_limit"], row["step_x"]) for row in rows) / 1.5
+    high = max(max(row["flop_limit"], row["step_x"]) for row in rows) * 1.5
+    handles += ax.plot([low, high], [low, high], "k:", label="ratio = FLOP limit")
+    ax.set(xscale="log", yscale="log", xlim=(low, high), ylim=(low, high),
+           xlabel="FLOP limit (pass FLOPs / torch dense)", ylabel="step time / torch dense step")
+    ax.grid(alpha=0.3)
+    fig.legend(handles=handles, loc="outside right center", fontsize="x-small")
     return fig

@@ -93,6 +93,7 @@ def glue_results(prefix: str, results) -> None:
         glue(f"{key}_compression", round(100 * float(last["compression"]), 1), display=False)
         glue(f"{key}_seconds", Seconds(last["train_seconds_cum"]), display=False)
         glue(f"{key}_ranks", [int(last[c]) for c in hidden], display=False)
+        glue(f"{key}_epochs_at_max_rank", epochs_at_max_rank(result), display=False)
         glue_rank_limits(key, result)
 
 
@@ -108,14 +109,13 @@ def epochs_at_max_rank(result) -> int:
 
 
 def glue_rank_limits(key: str, result) -> None:
-    """Glue ``{key}_initial_ranks`` (the hidden ranks of the untrained network), ``{key}_max_ranks``
-    (:func:`max_rank` of each hidden layer) and ``{key}_epochs_at_max_rank`` (:func:`epochs_at_max_rank`)."""
+    """Glue ``{key}_initial_ranks`` (the hidden ranks of the untrained network) and ``{key}_max_ranks``
+    (:func:`max_rank` of each hidden layer)."""
     from myst_nb import glue
 
     hidden = hidden_rank_columns(result.history)
     glue(f"{key}_initial_ranks", [int(result.history.iloc[0][c]) for c in hidden], display=False)
     glue(f"{key}_max_ranks", [max_rank(layer) for layer in result.config.layers[:-1]], display=False)
-    glue(f"{key}_epochs_at_max_rank", epochs_at_max_rank(result), display=False)
 
 
 def seed_groups(results) -> dict[str, list]:
@@ -129,14 +129,44 @@ def seed_groups(results) -> dict[str, list]:
 
 def seed_statistics(members) -> dict:
     """Over the seeds of one model: test accuracy (%) mean and half-range (``spread``), final hidden ranks of
-    each seed, mean compression (%) and mean training seconds."""
+    each seed, and the means of parameters, compression (%), MFLOPs per sample and training seconds (with the
+    half-range of the seconds, ``seconds_spread``)."""
     accuracy = [100 * r.test_accuracy for r in members]
     lasts = [r.history.iloc[-1] for r in members]
+    seconds = [float(last["train_seconds_cum"]) for last in lasts]
     hidden = hidden_rank_columns(members[0].history)
+
+    def mean(column: str) -> float:
+        return sum(float(last[column]) for last in lasts) / len(lasts)
+
     return {"test_accuracy": sum(accuracy) / len(accuracy), "spread": (max(accuracy) - min(accuracy)) / 2,
             "ranks": [[int(last[c]) for c in hidden] for last in lasts], "seeds": len(members),
-            "compression": 100 * sum(float(last["compression"]) for last in lasts) / len(lasts),
-            "seconds": sum(float(last["train_seconds_cum"]) for last in lasts) / len(lasts)}
+            "parameters": mean("parameters"), "compression": 100 * mean("compression"),
+            "mflops": mean("flops_per_sample") / 1e6,
+            "seconds": sum(seconds) / len(seconds), "seconds_spread": (max(seconds) - min(seconds)) / 2}
+
+
+def rank_ranges_text(stats: dict) -> str:
+    """The final hidden ranks of :func:`seed_statistics` as one list, each layer's lowest to highest over the
+    seeds: ``"[45-47, 50]"`` (a layer whose seeds agree shows one number)."""
+    layers = zip(*stats["ranks"])
+    return "[" + ", ".join(f"{min(r)}" if min(r) == max(r) else f"{min(r)}-{max(r)}" for r in layers) + "]"
+
+
+def group_statistics(results) -> dict[str, dict]:
+    """:func:`seed_statistics` of every model of a figure, by model name (:func:`seed_groups`)."""
+    return {name: seed_statistics(members) for name, members in seed_groups(results).items()}
+
+
+def versus(stats: dict[str, dict], model: str, reference: str) -> Text:
+    """:func:`compare` of two models' mean test accuracies and seed spreads (``stats``: :func:`group_statistics`)."""
+    first, second = stats[model], stats[reference]
+    return Text(compare((first["test_accuracy"], first["spread"]), (second["test_accuracy"], second["spread"])))
+
+
+def time_ratio(stats: dict[str, dict], model: str, reference: str) -> float:
+    """``model``'s mean training time over ``reference``'s (``stats``: :func:`group_statistics`), 2 decimals."""
+    return round(stats[model]["seconds"] / stats[reference]["seconds"], 2)
 
 
 def seed_ranks_text(stats: dict) -> str:
@@ -164,8 +194,9 @@ def ranks_at_least(first: dict, second: dict) -> bool:
 def glue_seed_results(prefix: str, results) -> None:
     """Glue each model's statistics over its seeds (:func:`seed_statistics`) as ``{prefix}_{slug(model)}_{metric}``:
     ``test_accuracy`` and ``spread`` (%, 2 decimals), ``ranks`` (each seed's final hidden ranks, as text),
-    ``compression`` (%, 1 decimal), ``seconds`` (mean training time), and ``initial_ranks`` / ``max_ranks``
-    as :func:`glue_results` (the same for every seed)."""
+    ``parameters`` (mean, rounded), ``compression`` (%, 1 decimal), ``seconds`` (mean training time), and
+    ``initial_ranks`` / ``max_ranks`` as :func:`glue_results` (the same for every seed), and
+    ``epochs_at_max_rank`` of each seed (:func:`epochs_at_max_rank`, as text: ``"0, 2 and 10"``)."""
     from myst_nb import glue
 
     for name, members in seed_groups(results).items():
@@ -173,9 +204,11 @@ def glue_seed_results(prefix: str, results) -> None:
         glue(f"{key}_test_accuracy", round(stats["test_accuracy"], 2), display=False)
         glue(f"{key}_spread", round(stats["spread"], 2), display=False)
         glue(f"{key}_ranks", Text(seed_ranks_text(stats)), display=False)
+        glue(f"{key}_parameters", round(stats["parameters"]), display=False)
         glue(f"{key}_compression", round(stats["compression"], 1), display=False)
         glue(f"{key}_seconds", Seconds(stats["seconds"]), display=False)
         glue_rank_limits(key, members[0])
+        glue(f"{key}_epochs_at_max_rank", names_text(str(epochs_at_max_rank(m)) for m in members), display=False)
 
 
 def trend(first: tuple[float, float], last: tuple[float, float]) -> str:

@@ -1,0 +1,103 @@
+"""Figures and tables of the notebooks (lowrank.engine.plots): seeds as bands, one colour per model, page width."""
+
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import pandas as pd
+import pytest
+
+matplotlib.use("Agg")
+
+from lowrank.engine import config, plots  # noqa: E402
+from lowrank.engine.training import TrainingResult  # noqa: E402
+
+NETWORKS = {"dense": ("dense", ""), "dynamical": ("dynamical", "rank = 16\nr_max = 32")}
+
+
+def result(name: str, seed: int, accuracy: list[float], ranks: list[int], seconds: float = 10.0) -> TrainingResult:
+    """A trained-looking result of a 784-64-10 network: the accuracy (fraction) and hidden rank after each epoch."""
+    kind, extra = NETWORKS[name.split()[0]]
+    model = config.loads(f"""
+        [[model]]
+        name = "{name} seed={seed}"
+        [[model.layer]]
+        type = "{kind}"
+        dims = [784, 64]
+        {extra}
+        [[model.layer]]
+        type = "dense"
+        dims = [64, 10]
+        activation = "identity"
+        """, "fake.toml").models[0]
+    epochs = len(accuracy)
+    history = pd.DataFrame({
+        "epoch": range(epochs), "train_loss": np.linspace(2.3, 0.1, epochs), "val_loss": np.linspace(2.3, 0.2, epochs),
+        "train_accuracy": accuracy, "val_accuracy": accuracy, "parameters": 50_000, "compression": 0.2,
+        "flops_per_sample": 1e5, "train_seconds_cum": np.linspace(0, seconds, epochs), "rank_0": ranks, "rank_1": 10,
+    })
+    return TrainingResult(model, history, test_loss=0.1, test_accuracy=accuracy[-1], model=None, path=Path("."))
+
+
+@pytest.fixture
+def seeded():
+    """dense and a dynamical network, three seeds each: dense 95-96 % after training, dynamical 97-98 %."""
+    dense = [result("dense", s, [0.1, 0.95 + 0.002 * s, 0.96 + 0.001 * s], [64, 64, 64], 5.0 + s) for s in range(3)]
+    dynamical = [result("dynamical tau=0.1", s, [0.1, 0.97, 0.98 - 0.002 * s], [16, 12 + s, 10 + s], 20.0)
+                 for s in range(3)]
+    return dense + dynamical
+
+
+def _line_colours(ax) -> dict[str, str]:
+    return {line.get_label(): matplotlib.colors.to_hex(line.get_color()) for line in ax.get_lines()}
+
+
+def test_figures_are_drawn_at_the_page_width(seeded):
+    for figure in (plots.training_curves(seeded), plots.rank_curves(seeded), plots.pareto(seeded),
+                   plots.seed_bars(seeded), plots.sweep(seeded, [1, 2], "x")):
+        assert figure.get_figwidth() == plots.PAGE_WIDTH and figure.dpi == plots.DPI
+
+
+def test_a_seeded_model_is_one_mean_curve_with_its_range_shaded(seeded):
+    figure = plots.training_curves(seeded)
+    accuracy = figure.axes[2]  # training accuracy (%)
+    assert len(accuracy.get_lines()) == 2  # one per model, not per seed
+    mean = accuracy.get_lines()[1].get_ydata()
+    np.testing.assert_allclose(mean, [10.0, 97.0, 97.8])
+    (band,) = [c for c in accuracy.collections if c.get_paths()][1:2]  # the dynamical model's band
+    lows_highs = band.get_paths()[0].vertices[:, 1]
+    assert lows_highs.min() == pytest.approx(10.0) and lows_highs.max() == pytest.approx(98.0)
+
+
+def test_accuracy_axes_zoom_to_the_trained_epochs(seeded):
+    low, high = plots.accuracy_limits(plots.seed_groups(seeded), "val_accuracy")
+    assert 94.5 < low < 95.2 and 98.0 < high <= 100.0  # dense's mean after epoch 1 is 95.2 %; epoch 0 (10 %) lies below
+    figure = plots.training_curves(seeded)
+    assert figure.axes[3].get_ylim() == pytest.approx(plots.accuracy_limits(
+        plots.seed_groups(seeded), "val_accuracy"))
+
+
+def test_a_model_keeps_its_colour_when_a_figure_leaves_the_others_out(seeded):
+    curves = _line_colours(plots.training_curves(seeded).axes[0])
+    ranks = _line_colours(plots.rank_curves(seeded).axes[0])
+    assert list(ranks) == ["dynamical tau=0.1"]  # the dense model has no rank to show
+    dynamical_label = next(name for name in curves if name.startswith("dynamical"))
+    assert ranks["dynamical tau=0.1"] == curves[dynamical_label] != curves[next(iter(curves))]
+
+
+def test_tables_show_one_row_per_model_with_its_seed_spread(seeded):
+    table = plots.summary_table(seeded)
+    assert list(table.index) == ["dense", "dynamical tau=0.1"]
+    assert table.loc["dynamical tau=0.1", "± (half-range)"] == 0.2 and table.loc["dense", "seeds"] == 3
+    assert table.loc["dynamical tau=0.1", "hidden ranks"] == "[10-12]"
+    single = plots.summary_table([seeded[0], seeded[3]])
+    assert "± (half-range)" not in single and single.loc["dense", "hidden ranks"] == "[64]"
+
+
+def test_the_pareto_front_drops_a_model_only_when_a_cheaper_one_beats_it_beyond_the_spread():
+    table = pd.DataFrame({"test accuracy (%)": [97.0, 97.2, 96.0], "± (half-range)": [0.2, 0.2, 0.1],
+                          "parameters": [100, 200, 300]}, index=["small", "middle", "large"])
+    front = plots.pareto_front(table, "parameters")
+    assert list(front.index) == ["small", "middle"]  # middle is within the spread of small; large is beaten
+    table.loc["middle", "test accuracy (%)"] = 96.5
+    assert list(plots.pareto_front(table, "parameters").index) == ["small"]
