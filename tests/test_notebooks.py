@@ -17,6 +17,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
+from lowrank.engine import report
+
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "fig_a.ipynb"
 SANITIZE = ROOT / "tests" / "nbval_sanitize.cfg"
@@ -85,7 +87,7 @@ def test_stored_outputs_reproduce_under_other_cpu_code_paths(stored, tmp_path, c
 MAX_CODE_LINES = 40
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "notebooks").glob("fig_*.ipynb")), ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", [f.notebook for f in report.discover(ROOT)], ids=lambda p: p.stem)
 def test_every_notebook_is_thin(path):
     cells = [c for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code"]
     lines = [line for cell in cells for line in cell.source.splitlines() if line.strip()]

@@ -1,7 +1,5 @@
 """Figures and tables of the notebooks (lowrank.engine.plots): seeds as bands, one colour per model, page width."""
 
-from pathlib import Path
-
 import matplotlib
 import numpy as np
 import pandas as pd
@@ -9,39 +7,12 @@ import pytest
 
 matplotlib.use("Agg")
 
-from lowrank.engine import config, plots  # noqa: E402
-from lowrank.engine.training import TrainingResult  # noqa: E402
-
-NETWORKS = {"dense": ("dense", ""), "dynamical": ("dynamical", "rank = 16\nr_max = 32")}
-
-
-def result(name: str, seed: int, accuracy: list[float], ranks: list[int], seconds: float = 10.0) -> TrainingResult:
-    """A trained-looking result of a 784-64-10 network: the accuracy (fraction) and hidden rank after each epoch."""
-    kind, extra = NETWORKS[name.split()[0]]
-    model = config.loads(f"""
-        [[model]]
-        name = "{name} seed={seed}"
-        [[model.layer]]
-        type = "{kind}"
-        dims = [784, 64]
-        {extra}
-        [[model.layer]]
-        type = "dense"
-        dims = [64, 10]
-        activation = "identity"
-        """, "fake.toml").models[0]
-    epochs = len(accuracy)
-    history = pd.DataFrame({
-        "epoch": range(epochs), "train_loss": np.linspace(2.3, 0.1, epochs), "val_loss": np.linspace(2.3, 0.2, epochs),
-        "train_accuracy": accuracy, "val_accuracy": accuracy, "parameters": 50_000, "compression": 0.2,
-        "flops_per_sample": 1e5, "train_seconds_cum": np.linspace(0, seconds, epochs), "rank_0": ranks, "rank_1": 10,
-    })
-    return TrainingResult(model, history, test_loss=0.1, test_accuracy=accuracy[-1], model=None, path=Path("."))
-
+from lowrank.engine import plots  # noqa: E402
 
 @pytest.fixture
-def seeded():
+def seeded(make_result):
     """dense and a dynamical network, three seeds each: dense 95-96 % after training, dynamical 97-98 %."""
+    result = make_result
     dense = [result("dense", s, [0.1, 0.95 + 0.002 * s, 0.96 + 0.001 * s], [64, 64, 64], 5.0 + s) for s in range(3)]
     dynamical = [result("dynamical tau=0.1", s, [0.1, 0.97, 0.98 - 0.002 * s], [16, 12 + s, 10 + s], 20.0)
                  for s in range(3)]

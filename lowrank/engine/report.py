@@ -130,6 +130,15 @@ def train_figure(
     return results
 
 
+def train_used_figures(config: str | Path, quick: bool = False, force: bool = False,
+                       results_dir: str | Path | None = None) -> dict[str, list]:
+    """``{figure: results}`` for every TOML that ``config``'s ``[figure] uses`` names, in its order
+    (:func:`train_figure` of each; a model that diverges is left out, as figure (e) shows it)."""
+    folder = Path(config).parent
+    return {Path(used).stem: train_figure(folder / used, quick, force, results_dir, diverged={})
+            for used in cfg.load(config).figure.get("uses", ())}
+
+
 def figure_keys(figure: Figure) -> dict[str, str]:
     """What a full-size run of ``figure`` is computed from: ``{model name: cache key}`` of every model it
     trains or reads (:func:`figure_models`), or for a figure that is not a network study
@@ -189,21 +198,30 @@ def record_text(record: dict, name: str) -> str:
     trained = ("" if epochs is None else f" (its models trained by this run of the report: {epochs} epochs)" if epochs
                else " (every model read from the results cache of an earlier run)")
     return (f":::{{admonition}} Record of this page\n"
-            f"Executed {record['executed']}, the notebook in {record['wall_seconds']:.0f} s of wall time{trained}, on {m['cpu']} "
-            f"({m['cores']} cores, {m['torch_threads']} torch thread per figure, ATen {m['cpu_kernels']} kernels): "
-            f"Python {m['python']}, torch {m['torch']}, numpy {m['numpy']}, {m['blas']}, lowrank {m['lowrank']}. "
+            f"Executed {record['executed']}, the notebook in {record['wall_seconds']:.0f} s of wall time{trained}, on "
+            f"{machine_text(m)}. "
             f"Reproduce it with `python -m lowrank report --only {name}` "
             f"(see [Reproducing this report](../reproducibility.md)).\n:::")
 
 
+def machine_text(m: dict) -> str:
+    """The machine and versions of :func:`lowrank.engine.determinism.machine` in one line, as the book states them."""
+    return (f"{m['cpu']} ({m['cores']} cores, {m['torch_threads']} torch thread per figure, ATen {m['cpu_kernels']} "
+            f"kernels): Python {m['python']}, torch {m['torch']}, numpy {m['numpy']}, {m['blas']}, lowrank {m['lowrank']}")
+
+
 def discover(root: Path) -> list[Figure]:
-    """The figures under ``root/notebooks`` (``fig_*.ipynb`` with a ``configs/fig_*.toml``), sorted."""
+    """The pages of the report under ``root/notebooks``: every notebook with a config of its name
+    (``fig_a.ipynb`` + ``configs/fig_a.toml``, ``conclusion.ipynb`` + ``configs/conclusion.toml``), sorted; a
+    ``fig_*.ipynb`` without its config is an error."""
     notebooks = root / "notebooks"
     figures = []
-    for notebook in sorted(notebooks.glob("fig_*.ipynb")):
+    for notebook in sorted(notebooks.glob("*.ipynb")):
         config = notebooks / "configs" / f"{notebook.stem}.toml"
         if not config.exists():
-            raise FileNotFoundError(f"{notebook}: no config {config}")
+            if notebook.stem.startswith("fig_"):
+                raise FileNotFoundError(f"{notebook}: no config {config}")
+            continue
         figures.append(Figure(notebook.stem, notebook, config, root / "book" / "figures" / notebook.name))
     if not figures:
         raise FileNotFoundError(f"no figure notebooks (fig_*.ipynb) in {notebooks}; run from the repository root")
@@ -345,12 +363,17 @@ def schedule(figures: list[Figure]) -> list[list[Figure]]:
 
 def training_queue(figures: list[Figure], quick: bool) -> list[tuple[Figure, cfg.ModelConfig]]:
     """Every model the network figures among ``figures`` train or read, each once (by cache key, under the first
-    figure that names it), the most work (:func:`model_work`) first: the order of :func:`train_models`."""
+    figure that trains it itself, else the first that reads it), the most work (:func:`model_work`) first: the
+    order of :func:`train_models`."""
+    networks = [f for f in figures if figure_kind(f.config) == "network"]
     queue: dict[str, tuple[Figure, cfg.ModelConfig]] = {}
-    for figure in figures:
-        if figure_kind(figure.config) == "network":
-            for model in figure_models(figure.config, quick):
-                queue.setdefault(model.cache_key(), (figure, model))
+    for figure in networks:
+        for model in cfg.load(figure.config).models:
+            model = cfg.quick_settings(model) if quick else model
+            queue.setdefault(model.cache_key(), (figure, model))
+    for figure in networks:
+        for model in figure_models(figure.config, quick):
+            queue.setdefault(model.cache_key(), (figure, model))
     return sorted(queue.values(), key=lambda item: model_work(item[1]), reverse=True)
 
 

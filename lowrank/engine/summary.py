@@ -158,8 +158,15 @@ def group_statistics(results) -> dict[str, dict]:
     return {name: seed_statistics(members) for name, members in seed_groups(results).items()}
 
 
+#: What :func:`versus` says of a model that is missing from the statistics: every seed of it diverged.
+NOT_COMPARABLE = "not comparable (every seed of one of them diverged) to"
+
+
 def versus(stats: dict[str, dict], model: str, reference: str) -> Text:
-    """:func:`compare` of two models' mean test accuracies and seed spreads (``stats``: :func:`group_statistics`)."""
+    """:func:`compare` of two models' mean test accuracies and seed spreads (``stats``: :func:`group_statistics`);
+    :data:`NOT_COMPARABLE` when either has no result (a figure that keeps diverged models out)."""
+    if model not in stats or reference not in stats:
+        return Text(NOT_COMPARABLE)
     first, second = stats[model], stats[reference]
     return Text(compare((first["test_accuracy"], first["spread"]), (second["test_accuracy"], second["spread"])))
 
