@@ -35,7 +35,7 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run
 # Hosts that Chromium itself contacts (clock, updates, accounts) whatever page it opens.
 BROWSER_OWN_HOSTS = ("google.com", "googleapis.com", "gstatic.com")
 #: The mime type of a plot that a notebook glued (``myst_nb.glue``) instead of showing it in its cell.
-GLUED_PNG = "application/papermill.record/image/png"
+GLUED_PNG = report.PNG_OUTPUTS[1]
 MATH_PAGES = ["intro", "background", "lowrank_layers"]
 needs_chromium = pytest.mark.skipif(
     CHROMIUM is None, reason="chromium is not installed (`make test` installs Debian's chromium as root)")

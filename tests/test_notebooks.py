@@ -9,6 +9,7 @@ other ATen and MKL kernels, as another CPU would pick them, and must reproduce t
 """
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -93,3 +94,16 @@ def test_every_notebook_is_thin(path):
     lines = [line for cell in cells for line in cell.source.splitlines() if line.strip()]
     assert len(lines) <= MAX_CODE_LINES, f"{path.name} has {len(lines)} code lines; move its logic into lowrank.engine"
     assert not any(line.startswith(("def ", "class ")) for line in lines), f"{path.name} defines functions"
+
+
+@pytest.mark.parametrize("path", [f.notebook for f in report.discover(ROOT)], ids=lambda p: p.stem)
+def test_every_glued_plot_is_shown_in_a_figure_and_left_out_of_nbval(path):
+    """A plot goes into the book as a numbered, captioned ``{glue:figure}``; the cell that glues it is tagged
+    ``nbval-ignore-output``, since the glued PNG is compared byte for byte otherwise (and its timer bars move)."""
+    cells = nbformat.read(path, as_version=4).cells
+    shown = {key for c in cells if c.cell_type == "markdown" for key in re.findall(r"\{glue:figure\} (\S+)", c.source)}
+    gluing = {key: c for c in cells if c.cell_type == "code" for key in re.findall(r'glue\("([^"]+)", plots\.', c.source)}
+    assert set(gluing) == shown, f"{path.name}: glued plots {sorted(gluing)}, figures {sorted(shown)}"
+    untagged = sorted(k for k, c in gluing.items() if "nbval-ignore-output" not in c.metadata.get("tags", []))
+    assert not untagged, f"{path.name}: cells gluing {untagged} are compared by nbval"
+    assert "fig = plots." not in " ".join(c.source for c in cells), f"{path.name} shows a plot without a caption"

@@ -51,3 +51,15 @@ def test_the_citation_file_parses_and_names_this_version():
     assert str(citation["version"]) == project["version"] == lowrank.__version__
     assert citation["license"] == project["license"]
     assert citation["authors"] and citation["title"].startswith("lowrank")
+
+
+def test_the_how_to_cite_page_gives_the_citation_file_s_entry():
+    import re
+
+    citation = yaml.safe_load((ROOT / "CITATION.cff").read_text(encoding="utf-8"))
+    page = (ROOT / "book" / "citing.md").read_text(encoding="utf-8")
+    (entry,) = re.findall(r"```bibtex\n(@software\{.*?)```", page, flags=re.S)
+    assert re.search(r"version\s*=\s*\{" + re.escape(str(citation["version"])) + r"\}", entry)
+    assert citation["license"] in entry and citation["authors"][0]["name"] in entry
+    title = " ".join(entry.split("title", 1)[1].split("=", 1)[1].split("},\n", 1)[0].split())
+    assert re.sub(r"[{}]", "", title).strip(" {") == citation["title"]

@@ -131,3 +131,35 @@ def test_an_invalid_config_stops_before_any_notebook_runs(tmp_path):
     with pytest.raises(config.ConfigError, match="fig_z.toml: settings.num_epochs = 0"):
         report.run(root=tmp_path, build=False, results_dir=tmp_path / "results")
     assert not (tmp_path / "book" / "figures" / "fig_z.ipynb").exists()
+
+
+def test_the_readme_figure_is_the_first_plot_even_when_glued(tmp_path):
+    import base64
+
+    png = b"\x89PNG\r\n\x1a\nfirst"
+    notebook = nbformat.v4.new_notebook()
+    cell = nbformat.v4.new_code_cell('glue("fig_a_curves", fig, display=False)')
+    cell.outputs = [nbformat.v4.new_output("display_data", data={
+        report.PNG_OUTPUTS[1]: base64.b64encode(png).decode(), "application/papermill.record/text/plain": "<Figure>"})]
+    notebook.cells = [nbformat.v4.new_code_cell("1"), cell]
+    nbformat.write(notebook, tmp_path / "fig_a.ipynb")
+    report.save_first_image(tmp_path / "fig_a.ipynb", tmp_path / "images" / "fig_a.png")
+    assert (tmp_path / "images" / "fig_a.png").read_bytes() == png
+
+
+def test_the_models_are_trained_before_any_notebook_runs(tmp_path):
+    notebooks = tmp_path / "notebooks"
+    (notebooks / "configs").mkdir(parents=True)
+    (notebooks / "configs" / "fig_z.toml").write_text(TINY_CONFIG)
+    check = ("from lowrank.engine import config as cfg, training\n"
+             "(model,) = cfg.load(config).models\n"
+             "assert training.load_result(cfg.quick_settings(model), results_dir) is not None, 'not trained yet'")
+    notebook = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_code_cell('config = "configs/fig_z.toml"\nquick = True\nresults_dir = None',
+                                  metadata={"tags": ["parameters"]}),
+        nbformat.v4.new_code_cell(check),
+    ])
+    notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(notebook, notebooks / "fig_z.ipynb")
+    report.run(root=tmp_path, quick=True, build=False, results_dir=tmp_path / "results")
+    assert (tmp_path / "book" / "figures" / "fig_z.ipynb").exists()

@@ -455,8 +455,12 @@ def run(
     return outputs
 
 
+#: How a PNG appears among a notebook's outputs: shown by its cell, or glued (``myst_nb.glue``) for a ``{glue:figure}``.
+PNG_OUTPUTS = ("image/png", "application/papermill.record/image/png")
+
+
 def save_first_image(notebook: Path, path: Path) -> None:
-    """Write the first PNG output of an executed notebook to ``path`` (atomically)."""
+    """Write the first PNG output (shown or glued) of an executed notebook to ``path`` (atomically)."""
     import base64
 
     import nbformat
@@ -465,10 +469,11 @@ def save_first_image(notebook: Path, path: Path) -> None:
 
     for cell in nbformat.read(notebook, as_version=4).cells:
         for output in cell.get("outputs", []):
-            if "image/png" in output.get("data", {}):
+            png = next((output["data"][key] for key in PNG_OUTPUTS if key in output.get("data", {})), None)
+            if png is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 with atomic_write(path) as file:
-                    file.write(base64.b64decode(output["data"]["image/png"]))
+                    file.write(base64.b64decode(png))
                 return
     raise ValueError(f"{notebook} has no PNG output")
 
