@@ -163,3 +163,10 @@ def test_the_models_are_trained_before_any_notebook_runs(tmp_path):
     nbformat.write(notebook, notebooks / "fig_z.ipynb")
     report.run(root=tmp_path, quick=True, build=False, results_dir=tmp_path / "results")
     assert (tmp_path / "book" / "figures" / "fig_z.ipynb").exists()
+
+
+def test_a_record_keys_every_model_even_when_two_figures_name_theirs_alike():
+    conclusion = next(f for f in report.discover(ROOT) if f.name == "conclusion")
+    models = report.figure_models(conclusion.config)
+    assert len({m.name for m in models}) < len(models)  # "dense seed=0" of (a), (f) and (g) are three networks
+    assert sorted(report.figure_keys(conclusion).values()) == sorted(m.cache_key() for m in models)

@@ -141,7 +141,7 @@ def train_used_figures(config: str | Path, quick: bool = False, force: bool = Fa
 
 def figure_keys(figure: Figure) -> dict[str, str]:
     """What a full-size run of ``figure`` is computed from: ``{model name: cache key}`` of every model it
-    trains or reads (:func:`figure_models`), or for a figure that is not a network study
+    trains or reads (:func:`figure_models`; a name that recurs is followed by its key), or for a figure that is not a network study
     ``{"config": key}``, a hash of lowrank's version and its TOML tables (not its comments or layout). A record
     whose keys differ from these is stale: a configuration or the library version changed since it was made.
     """
@@ -150,7 +150,10 @@ def figure_keys(figure: Figure) -> dict[str, str]:
     from lowrank import __version__
 
     if figure_kind(figure.config) == "network":
-        return {m.name: m.cache_key() for m in figure_models(figure.config)}
+        keys: dict[str, str] = {}
+        for model in figure_models(figure.config):  # two figures it uses may name different models alike
+            keys[model.name if model.name not in keys else f"{model.name} ({model.cache_key()})"] = model.cache_key()
+        return keys
     tables = json.dumps(tomllib.loads(figure.config.read_text(encoding="utf-8")), sort_keys=True)
     return {"config": hashlib.sha256(f"{__version__}\n{tables}".encode()).hexdigest()[:16]}
 
