@@ -150,7 +150,7 @@ def training_curves(results: Sequence, title: str = "") -> Figure:
     for row, (mean, spread) in enumerate(zip(seconds, spreads)):
         timer.annotate(f"{mean:.1f} s", (mean + spread, row), xytext=(4, 0), textcoords="offset points", va="center")
     timer.invert_yaxis()
-    timer.set(xlabel="training time (s, data loading excluded)", xlim=(0, 1.3 * max(seconds)))
+    timer.set(xlabel="training time (s, data loading excluded)", xlim=(0, 1.2 * max(m + s for m, s in zip(seconds, spreads))))
     timer.tick_params(axis="y", labelsize="small")
     fig.legend(*fig.axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=2, fontsize="small")
     if title:
