@@ -72,3 +72,16 @@ def test_the_pareto_front_drops_a_model_only_when_a_cheaper_one_beats_it_beyond_
     assert list(front.index) == ["small", "middle"]  # middle is within the spread of small; large is beaten
     table.loc["middle", "test accuracy (%)"] = 96.5
     assert list(plots.pareto_front(table, "parameters").index) == ["small"]
+
+
+def test_a_figure_of_more_than_ten_models_still_gives_each_its_own_colour(make_result):
+    many = [make_result(f"dynamical tau=0.{i}", 0, [0.1, 0.9], [16, 12]) for i in range(1, 15)]
+    assert len(set(plots.colours(many).values())) == 14
+
+
+def test_figures_stay_out_of_pyplot_so_a_notebook_shows_them_only_where_it_glues_them(seeded):
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
+    plots.training_curves(seeded), plots.pareto(seeded), plots.rank_curves(seeded)
+    assert plt.get_fignums() == []

@@ -50,9 +50,9 @@ def test_the_record_states_when_and_on_what_it_ran(figure):
 def test_a_changed_config_makes_the_record_stale(tmp_path):
     figure = next(f for f in FIGURES if f.name == "fig_a")
     text = figure.config.read_text(encoding="utf-8")
-    assert "\nseed = 0\n" in text
+    assert "\nlearning_rate = 0.001\n" in text
     config = tmp_path / "fig_a.toml"
-    config.write_text(text.replace("\nseed = 0\n", "\nseed = 1\n", 1), encoding="utf-8")
+    config.write_text(text.replace("\nlearning_rate = 0.001\n", "\nlearning_rate = 0.002\n", 1), encoding="utf-8")
     changed = report.Figure(figure.name, figure.notebook, config, figure.output)
     assert report.figure_keys(changed).keys() == report.figure_keys(figure).keys()
     assert report.figure_keys(changed) != report.figure_keys(figure)

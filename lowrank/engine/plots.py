@@ -14,11 +14,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import MaxNLocator, NullFormatter
 
 from lowrank.engine.summary import Seconds, hidden_rank_columns, rank_ranges_text, seed_groups, seed_statistics
 
@@ -31,14 +32,29 @@ CURVES = (("train_loss", "training loss"), ("val_loss", "validation loss"),
 
 
 def page_figure(height: float, width: float = PAGE_WIDTH, **subplots) -> tuple[Figure, np.ndarray]:
-    """A figure of the page's width (constrained layout, :data:`DPI`) and its axes (``plt.subplots(**subplots)``,
+    """A figure of the page's width (constrained layout, :data:`DPI`) and its axes (``Figure.subplots(**subplots)``,
     always a 2-d array)."""
-    return plt.subplots(figsize=(width, height), dpi=DPI, layout="constrained", squeeze=False, **subplots)
+    fig = _unshown_figure(width, height)
+    return fig, fig.subplots(squeeze=False, **subplots)
+
+
+def _unshown_figure(width: float, height: float) -> Figure:
+    """A figure made by pyplot (in a notebook that selects the inline backend, which renders a glued figure as
+    PNG) and closed at once: a notebook shows it only where it glues it, in a ``{glue:figure}`` with its
+    caption, not once more at the end of the cell."""
+    fig = plt.figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    plt.close(fig)
+    return fig
 
 
 def colours(results: Sequence) -> dict[str, str]:
-    """One colour per model of a figure, by its position among the models (seeds of one model share it)."""
-    return {name: f"C{i % 10}" for i, name in enumerate(seed_groups(results))}
+    """One colour per model of a figure, by its position among the models (seeds of one model share it):
+    matplotlib's ten default colours, or the twenty of ``tab20`` for a figure of more models (figure (d))."""
+    names = list(seed_groups(results))
+    if len(names) <= 10:
+        return {name: f"C{i}" for i, name in enumerate(names)}
+    palette = matplotlib.colormaps["tab20"].colors
+    return {name: matplotlib.colors.to_hex(palette[i % len(palette)]) for i, name in enumerate(names)}
 
 
 def label(members: Sequence) -> str:
@@ -129,7 +145,7 @@ def training_curves(results: Sequence, title: str = "") -> Figure:
     time (the seed study's timer; mean, the range of the seeds as an error bar). The accuracy axes are zoomed to
     the trained epochs (:func:`accuracy_limits`)."""
     groups, colour = seed_groups(results), colours(results)
-    fig = plt.figure(figsize=(PAGE_WIDTH, 6.2 + 0.25 * len(groups)), dpi=DPI, layout="constrained")
+    fig = _unshown_figure(PAGE_WIDTH, 6.2 + 0.25 * len(groups))
     grid = fig.add_gridspec(3, 2, height_ratios=(1, 1, 0.25 + 0.1 * len(groups)))
     for i, (column, name) in enumerate(CURVES):
         ax = fig.add_subplot(grid[i // 2, i % 2])
@@ -189,6 +205,7 @@ def sweep(results: Sequence, values: Sequence[float], xlabel: str, logx: bool = 
         ax.errorbar(values, table[column], yerr=spread if column == "test accuracy (%)" else None, marker="o", capsize=3)
         ax.set(xlabel=xlabel, ylabel=column + (" (s)" if column == "training time" else ""),
                xscale="log" if logx else "linear")
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.grid(alpha=0.3)
     return fig
 
@@ -207,6 +224,7 @@ def pareto(results: Sequence) -> Figure:
         front = pareto_front(table, cost)
         ax.step(front[cost], front["test accuracy (%)"], where="post", color="gray", alpha=0.6, zorder=2)
         ax.set(xscale="log", xlabel=cost + (" (s)" if cost == "training time" else ""))
+        ax.xaxis.set_minor_formatter(NullFormatter())  # labels at the powers of ten only
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("test accuracy (%)")
     fig.legend(*axes[0][0].get_legend_handles_labels(), loc="outside lower center", ncols=3, fontsize="small")
@@ -339,7 +357,7 @@ def spectrum_evolution(result, tolerance: float | None = 1e-3) -> Figure:
     spectra = result.spectra
     layers = sorted(spectra["layer"].unique())
     epochs = sorted(spectra["epoch"].unique())
-    colors = plt.get_cmap("viridis")
+    colors = matplotlib.colormaps["viridis"]
     fig, axes = _panels(len(layers))
     for ax, layer in zip(axes, layers):
         for epoch in epochs:
