@@ -60,19 +60,23 @@ def faster(first: dict, second: dict) -> bool:
     return first["seconds"] + first["seconds_spread"] < second["seconds"] - second["seconds_spread"]
 
 
-def _comparisons(figures: dict[str, list], pairs: list[tuple[str, str]],
+def _comparisons(stats: dict[str, dict], pairs: list[tuple[str, str]],
                  check: Callable[[dict, dict], bool], show: Callable[[dict], str],
                  relation: Callable[[dict, dict], str]) -> tuple[list[bool], str]:
-    """Each ``(model, reference)`` of ``pairs`` in each figure of :data:`COMPARISONS`: ``check`` results and the
-    evidence (``"MNIST: vanilla r=20 96.66 ± 0.10 % below dense 97.98 ± 0.05 %; ..."``)."""
+    """Each ``(model, reference)`` of ``pairs`` in each figure of :data:`COMPARISONS` (``stats``:
+    :func:`_statistics`): ``check`` results and the evidence (``"MNIST: vanilla r=20 96.66 ± 0.10 % below dense 97.98 ± 0.05 %; ..."``)."""
     checks, evidence = [], []
     for figure, dataset in COMPARISONS.items():
-        stats = summary.group_statistics(figures[figure])
         for model, reference in pairs:
-            first, second = stats[model], stats[reference]
+            first, second = stats[figure][model], stats[figure][reference]
             checks.append(check(first, second))
             evidence.append(f"{dataset}: {model} {show(first)} {relation(first, second)} {reference} {show(second)}")
     return checks, "; ".join(evidence)
+
+
+def _statistics(figures: dict[str, list]) -> dict[str, dict]:
+    """:func:`lowrank.engine.summary.group_statistics` of each figure of :data:`COMPARISONS`, computed once."""
+    return {figure: summary.group_statistics(figures[figure]) for figure in COMPARISONS}
 
 
 def _compared(first: dict, second: dict) -> str:
@@ -81,10 +85,11 @@ def _compared(first: dict, second: dict) -> str:
 
 def accuracy_claims(figures: dict[str, list]) -> list[Claim]:
     """The study's claims on accuracy, from figures (a) and (g) (``figures``: ``{figure: results}``) and (f)."""
+    stats = _statistics(figures)
     comparable, comparable_evidence = _comparisons(
-        figures, [(VANILLA, DENSE), (DLRT, DENSE)], lambda a, b: _compared(a, b) != "below", _accuracy, _compared)
+        stats, [(VANILLA, DENSE), (DLRT, DENSE)], lambda a, b: _compared(a, b) != "below", _accuracy, _compared)
     superior, superior_evidence = _comparisons(
-        figures, [(DLRT, DENSE), (DLRT, VANILLA)], lambda a, b: _compared(a, b) == "above", _accuracy, _compared)
+        stats, [(DLRT, DENSE), (DLRT, VANILLA)], lambda a, b: _compared(a, b) == "above", _accuracy, _compared)
     reference = summary.group_statistics(figures["fig_f"])
     in_f = _compared(reference[REFERENCE_DLRT], reference[DENSE])
     superior.append(in_f == "above")
@@ -104,10 +109,11 @@ def accuracy_claims(figures: dict[str, list]) -> list[Claim]:
 def timing_claims(figures: dict[str, list]) -> list[Claim]:
     """The study's claims on training time, from figures (a) and (g): they depend on the machine and the run."""
     others = [(VANILLA, DENSE), (VANILLA, DLRT)]
+    stats = _statistics(figures)
     fastest, fastest_evidence = _comparisons(
-        figures, others, faster, _seconds, lambda a, b: "faster than" if faster(a, b) else "not faster than")
+        stats, others, faster, _seconds, lambda a, b: "faster than" if faster(a, b) else "not faster than")
     slower, slower_evidence = _comparisons(
-        figures, [(DLRT, DENSE)], lambda a, b: faster(b, a), _seconds,
+        stats, [(DLRT, DENSE)], lambda a, b: faster(b, a), _seconds,
         lambda a, b: "slower than" if faster(b, a) else "not slower than")
     return [
         Claim("vanilla_fastest", STUDY, "Vanilla low-rank trains fastest.",
