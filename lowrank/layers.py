@@ -21,7 +21,7 @@ Initialisations (``init=``):
     (``||W||_F^2 = 2 n_out`` exactly, every singular value equal), the default of lowrank 0.1; kept to
     measure what the flat spectrum does to the truncation (figure (l)).
 ``"normal"``
-    the seed study's plain ``N(0, 1)`` entries for every weight factor (kept to reproduce it).
+    the student study's plain ``N(0, 1)`` entries for every weight factor (kept to reproduce it).
     Dynamical layers orthonormalise ``U`` and ``V`` (QR) since DLRT needs orthonormal bases.
 ``"spectral"``
     the SVD of a Kaiming dense matrix, ``W_0 = P Sigma Q^T``, truncated to rank ``r``:
@@ -33,7 +33,7 @@ Initialisations (``init=``):
 Every layer also takes ``init_scale`` (``c > 0``), which multiplies the initial ``W`` (``S``, or ``U`` and
 ``V`` by ``sqrt(c)`` each without ``S``; a dense layer's ``W``). With its default ``"kaiming"`` init,
 :class:`DynamicalLowRank` defaults to ``c =`` :data:`DYNAMICAL_INIT_SCALE` = 0.2; every other layer and init
-to 1 (``"normal"`` stays the seed study's ``N(0, 1)``, ``"spectral"`` the dense scale). Why: under Adam a new
+to 1 (``"normal"`` stays the student study's ``N(0, 1)``, ``"spectral"`` the dense scale). Why: under Adam a new
 direction enters the augmented ``S_hat`` with singular values of order ``h r`` (each coefficient moves by about
 ``h`` per step), and the truncation keeps it only if that exceeds ``tau ||W||_F``. At the Kaiming scale
 (``||W_0||_F = sqrt(2 n_out)``, which steps of ``h = 1e-3`` change slowly) nothing new survives: the ranks only
@@ -452,7 +452,7 @@ class LowRank(_Factorised):
             if self.S is None and self.init != "normal":  # S = A diag(sigma) B^T: U A sigma^{1/2}, V B sigma^{1/2}
                 left, sigma, right_t = torch.linalg.svd(s)
                 u, v = (u @ left) * sigma.sqrt(), (v @ right_t.T) * sigma.sqrt()
-            elif self.S is None:  # the seed study's N(0, 1) U and V, each scaled by sqrt(c)
+            elif self.S is None:  # the student study's N(0, 1) U and V, each scaled by sqrt(c)
                 u, v = u * math.sqrt(self.init_scale), v * math.sqrt(self.init_scale)
             if self.S is not None:
                 self.S.copy_(s)
@@ -555,7 +555,7 @@ class DynamicalLowRank(_Factorised):
 
     def reset_parameters(self) -> None:
         u, s, v = initial_factors(self.in_features, self.out_features, self.initial_rank, self.init, self.init_scale)
-        if self.init == "normal":  # DLRT needs orthonormal bases; keep the seed study's N(0, 1) S
+        if self.init == "normal":  # DLRT needs orthonormal bases; keep the student study's N(0, 1) S
             u, v = torch.linalg.qr(u)[0], torch.linalg.qr(v)[0]
         self.set_factors(u, s, v)
         self.reset_bias()

@@ -247,7 +247,7 @@ def robust_svd(matrix: Tensor, precision: torch.dtype | None = None) -> tuple[Te
 
     Single precision is 1.5-2x faster than float64 at sizes 100-256 on one thread, but not always robust: an
     augmented ``S_hat`` whose old block has many equal singular values (the flat ``kaiming-flat`` start,
-    ``S = c I``) made float32 ``gesdd`` stop with "failed to converge", and the seed study's ``N(0, 1)``
+    ``S = c I``) made float32 ``gesdd`` stop with "failed to converge", and the student study's ``N(0, 1)``
     start made MKL's float32 solver report invalid scaling parameters and return NaN. So a
     :class:`torch.linalg.LinAlgError` or a non-finite singular value sends the matrix to float64.
     """

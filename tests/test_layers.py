@@ -259,7 +259,7 @@ def test_init_scale_multiplies_the_initial_weight(init):
 
 def test_dynamical_layers_start_small_and_the_others_at_the_kaiming_scale():
     assert DynamicalLowRank(30, 20, 4).init_scale == DYNAMICAL_INIT_SCALE == 0.2
-    assert DynamicalLowRank(30, 20, 4, init="normal").init_scale == 1.0  # the seed study's N(0, 1) as it was
+    assert DynamicalLowRank(30, 20, 4, init="normal").init_scale == 1.0  # the student study's N(0, 1) as it was
     assert LowRank(30, 20, 4).init_scale == Dense(30, 20).init_scale == 1.0
     with pytest.raises(ValueError, match="init_scale = 0 must be positive"):
         DynamicalLowRank(30, 20, 4, init_scale=0)

@@ -251,7 +251,7 @@ def test_small_svds_run_in_single_precision_and_fall_back_to_float64_on_non_fini
         assert dtypes == expected and d.dtype == torch.float32
         torch.testing.assert_close(p @ torch.diag(d) @ qt, matrix)
 
-    def nan_in_float32(a, *args, **kwargs):  # MKL's float32 solver on the seed study's N(0, 1) start
+    def nan_in_float32(a, *args, **kwargs):  # MKL's float32 solver on the student study's N(0, 1) start
         p, d, qt = svd(a, *args, **kwargs)
         return (p, d * float("nan"), qt) if a.dtype == torch.float32 else (p, d, qt)
 

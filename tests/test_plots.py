@@ -65,13 +65,20 @@ def test_tables_show_one_row_per_model_with_its_seed_spread(seeded):
     assert "± (half-range)" not in single and single.loc["dense", "hidden ranks"] == "[64]"
 
 
-def test_the_pareto_front_drops_a_model_only_when_a_cheaper_one_beats_it_beyond_the_spread():
-    table = pd.DataFrame({"test accuracy (%)": [97.0, 97.2, 96.0], "± (half-range)": [0.2, 0.2, 0.1],
-                          "parameters": [100, 200, 300]}, index=["small", "middle", "large"])
+def test_the_pareto_front_rises_with_the_cost_and_names_the_models_tied_with_it_within_the_spread():
+    table = pd.DataFrame({"test accuracy (%)": [97.0, 96.9, 97.4, 96.0], "± (half-range)": [0.2, 0.2, 0.1, 0.1],
+                          "parameters": [100, 200, 300, 400]}, index=["small", "middle", "large", "huge"])
     front = plots.pareto_front(table, "parameters")
-    assert list(front.index) == ["small", "middle"]  # middle is within the spread of small; large is beaten
+    assert list(front.index) == ["small", "large"]  # middle costs more than small and is less accurate
+    assert front["test accuracy (%)"].is_monotonic_increasing and front["parameters"].is_monotonic_increasing
+    assert list(plots.front_ties(table, "parameters")) == ["middle"]  # within the spread of small; huge is beaten
     table.loc["middle", "test accuracy (%)"] = 96.5
-    assert list(plots.pareto_front(table, "parameters").index) == ["small"]
+    assert list(plots.front_ties(table, "parameters")) == []
+
+
+def test_a_model_as_accurate_as_a_cheaper_one_is_off_the_front():
+    table = pd.DataFrame({"test accuracy (%)": [97.0, 97.0], "parameters": [100, 200]}, index=["cheap", "dear"])
+    assert list(plots.pareto_front(table, "parameters").index) == ["cheap"]
 
 
 def test_a_figure_of_more_than_ten_models_still_gives_each_its_own_colour(make_result):

@@ -113,10 +113,17 @@ def test_basis_intervals_are_judged_against_k_1_and_against_dense():
     assert list(table["ranks vs k=1"]) == ["do not differ", "do not differ", "do not differ", "differ"]
     assert list(table["time / dense"]) == [2.5, 1.5, 0.95, 0.75]
     assert list(table["as fast as dense"]) == ["missed", "missed", "met", "met"]
+    assert list(table["vs dense (points)"]) == [-0.1, -0.15, -0.25, -0.15]  # signed: negative is below dense
     assert table.loc[1, "ranks"] == "[47, 50] and [48, 50]" and table.loc[1, "train s"] == "50.0 s"
     assert summary.largest_equivalent_interval(table) == 2
     table.loc[2, "vs k=1"] = "below"
     assert summary.largest_equivalent_interval(table) == 1
+
+
+def test_a_signed_difference_of_points_reads_as_above_or_below():
+    assert repr(summary.points_text(0.123)) == "0.12 points above"
+    assert repr(summary.points_text(-0.1)) == "0.10 points below"
+    assert repr(summary.points_text(0.001)) == repr(summary.points_text(-0.004)) == "0.00 points from"
 
 
 def sweep_result(name: str, seed: int, accuracy: float, ranks: list[int]) -> SimpleNamespace:

@@ -60,7 +60,7 @@ DTYPES = ("float32", "float64")
 DATASETS = {"mnist": (784, 10), "fashion-mnist": (784, 10)}
 # (channels, height, width) of each dataset's images, as a first convolution takes them.
 IMAGE_SHAPES = {"mnist": (1, 28, 28), "fashion-mnist": (1, 28, 28)}
-# camelCase keys of the seed study's template -> our names
+# camelCase keys of the student study's template -> our names
 SETTINGS_ALIASES = {"learningRate": "learning_rate", "batchSize": "batch_size", "numEpochs": "num_epochs"}
 
 
@@ -146,7 +146,7 @@ class LayerConfig:
     init: str = option(
         "kaiming",
         "kaiming (factorised: Gaussian S); kaiming-flat = S = c I, lowrank 0.1's default; normal = plain "
-        "N(0, 1), the seed study's; spectral = SVD of a dense kaiming init; spectral-ones = the same with "
+        "N(0, 1), the student study's; spectral = SVD of a dense kaiming init; spectral-ones = the same with "
         "singular values 1 (all but kaiming and normal for lowrank/dynamical only)",
         choices=INITS,
     )

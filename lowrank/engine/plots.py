@@ -142,7 +142,7 @@ def seed_bars(results: Sequence, title: str = "") -> Figure:
 
 def training_curves(results: Sequence, title: str = "") -> Figure:
     """Losses and accuracies per epoch (2 x 2; mean over the seeds, their range shaded) and each model's training
-    time (the seed study's timer; mean, the range of the seeds as an error bar). The accuracy axes are zoomed to
+    time (the student study's timer; mean, the range of the seeds as an error bar). The accuracy axes are zoomed to
     the trained epochs (:func:`accuracy_limits`)."""
     groups, colour = seed_groups(results), colours(results)
     fig = _unshown_figure(PAGE_WIDTH, 6.2 + 0.25 * len(groups))
@@ -166,7 +166,7 @@ def training_curves(results: Sequence, title: str = "") -> Figure:
     for row, (mean, spread) in enumerate(zip(seconds, spreads)):
         timer.annotate(f"{mean:.1f} s", (mean + spread, row), xytext=(4, 0), textcoords="offset points", va="center")
     timer.invert_yaxis()
-    timer.set(xlabel="training time (s, data loading excluded)", xlim=(0, 1.2 * max(m + s for m, s in zip(seconds, spreads))))
+    timer.set(xlabel="training time (s, in optimiser steps)", xlim=(0, 1.2 * max(m + s for m, s in zip(seconds, spreads))))
     timer.tick_params(axis="y", labelsize="small")
     fig.legend(*fig.axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=2, fontsize="small")
     if title:
@@ -212,15 +212,17 @@ def sweep(results: Sequence, values: Sequence[float], xlabel: str, logx: bool = 
 
 def pareto(results: Sequence) -> Figure:
     """Test accuracy against parameters and against training time (means over the seeds, the range of the
-    accuracy as an error bar); the Pareto-optimal models (:func:`pareto_front`) joined."""
+    accuracy as an error bar); the Pareto-optimal models (:func:`pareto_front`) joined by steps that rise from
+    left to right, the models tied with the front within the seed spread (:func:`front_ties`) drawn hollow."""
     table = summary_table(results, readable=False)
     spread = table["± (half-range)"] if "± (half-range)" in table else pd.Series(0.0, index=table.index)
     colour = colours(results)
     fig, axes = page_figure(3.4 + 0.12 * len(table), ncols=2, sharey=True)
     for ax, cost in zip(axes[0], ("parameters", "training time")):
+        ties = front_ties(table, cost)
         for name, row in table.iterrows():
             ax.errorbar(row[cost], row["test accuracy (%)"], yerr=spread[name], color=colour[name], marker="o",
-                        capsize=2, label=name, zorder=3)
+                        mfc="white" if name in ties else colour[name], capsize=2, label=name, zorder=3)
         front = pareto_front(table, cost)
         ax.step(front[cost], front["test accuracy (%)"], where="post", color="gray", alpha=0.6, zorder=2)
         ax.set(xscale="log", xlabel=cost + (" (s)" if cost == "training time" else ""))
@@ -232,22 +234,36 @@ def pareto(results: Sequence) -> Figure:
 
 
 def pareto_front(table: pd.DataFrame, cost: str) -> pd.DataFrame:
-    """The rows that no cheaper row (lower or equal ``cost``) beats in test accuracy beyond the seed spread: a row
-    is beaten when the other's mean is higher by more than the sum of the two half-ranges (``± (half-range)``,
-    0 without seeds). Sorted by cost."""
-    spread = table["± (half-range)"] if "± (half-range)" in table else pd.Series(0.0, index=table.index)
-    accuracy = table["test accuracy (%)"]
+    """The Pareto-optimal rows of mean test accuracy against ``cost``: those that no other row dominates (no more
+    ``cost`` and no less accuracy, one of the two strictly better). Sorted by cost, so the accuracy rises strictly
+    along the front: a model that costs more is on it only if it is more accurate on average."""
+    accuracy, costs = table["test accuracy (%)"], table[cost]
 
-    def beaten(name) -> bool:
-        cheaper = table.index[(table[cost] <= table.loc[name, cost]) & (table.index != name)]
-        return bool((accuracy[cheaper] - spread[cheaper] > accuracy[name] + spread[name]).any())
+    def dominated(name) -> bool:
+        better = (costs <= costs[name]) & (accuracy >= accuracy[name]) & ((costs < costs[name]) | (accuracy > accuracy[name]))
+        return bool(better.any())
 
-    front = [name for name in table.index if not beaten(name)]
+    front = [name for name in table.index if not dominated(name)]
     return table.loc[front].sort_values([cost, "test accuracy (%)"], ascending=[True, False])
 
 
+def front_ties(table: pd.DataFrame, cost: str) -> pd.Index:
+    """The rows off the :func:`pareto_front` that no cheaper row (no more ``cost``) beats beyond the seed spread:
+    every such row is less accurate by at most the sum of the two half-ranges (``± (half-range)``, 0 without
+    seeds). These models are below the front on average, but the seeds cannot tell them from it."""
+    spread = table["± (half-range)"] if "± (half-range)" in table else pd.Series(0.0, index=table.index)
+    accuracy, costs = table["test accuracy (%)"], table[cost]
+    front = pareto_front(table, cost).index
+
+    def beaten(name) -> bool:
+        cheaper = table.index[(costs <= costs[name]) & (table.index != name)]
+        return bool((accuracy[cheaper] - spread[cheaper] > accuracy[name] + spread[name]).any())
+
+    return pd.Index([name for name in table.index if name not in front and not beaten(name)])
+
+
 # ---------------------------------------------------------------------------------------------
-# Layer-wise views: effective ranks, spectra, within-class variability, truncation (issue 7)
+# Layer-wise views: effective ranks, spectra, within-class variability, truncation
 
 def _panels(count: int, columns: int = 2, height: float = 2.6):
     """A page-wide figure with ``count`` panels in rows of ``columns`` (unused panels removed), and the flat list

@@ -127,7 +127,7 @@ ALLOWED_VARIANTS = f"{', '.join(VARIANTS)} or dlrt-adaptive/<kls|single-pass>/ev
 DEVICES = ("cpu", "cuda")
 PROFILED = "dlrt-adaptive/single-pass"
 TOP_OPERATIONS = 6
-# Issue 13: (width, rank, variant, largest step time as a fraction of torch-dense), batch 232, one thread.
+# The single-pass step's speed targets: (width, rank, variant, largest step time as a fraction of torch-dense), batch 232, one thread.
 TARGETS = (
     (512, 20, PROFILED, 0.25),
     (2048, 50, PROFILED, 0.15),
