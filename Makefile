@@ -9,15 +9,12 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 # Each test run uses one thread per process: outputs are compared bit for bit.
 export OMP_NUM_THREADS ?= 1
-# MathJax 3 for the book, served from the build instead of a CDN (the book is read offline).
-MATHJAX_VERSION ?= 3.2.2
-MATHJAX  := book/_mathjax/mathjax/tex-chtml.js
 # Debian's Chromium renders the book in tests/test_book.py and prints `make pdf`.
 CHROMIUM ?= chromium
 CHROMIUM_FLAGS := --headless --no-sandbox --disable-gpu --no-first-run --disable-background-networking \
                   --disable-component-update --disable-sync
 
-.PHONY: setup data test report report-quick book pdf benchmark clean mathjax browser constraints
+.PHONY: setup data test report report-quick book pdf benchmark clean browser constraints
 
 setup: $(STAMP)
 
@@ -32,20 +29,20 @@ $(STAMP): pyproject.toml constraints.txt
 data: setup
 	$(PY) -m lowrank data mnist fashion-mnist
 
-test: data $(MATHJAX) browser
+test: data browser
 	$(PY) -m pytest tests --nbval notebooks --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg
 
-report: data $(MATHJAX)
+report: data
 	$(PY) -m lowrank report --jobs 2
 
-report-quick: data $(MATHJAX)
+report-quick: data
 	$(PY) -m lowrank report --quick
 
-book: setup $(MATHJAX)
+book: setup
 	$(VENV)/bin/jb build -W -n --keep-going book/
 
 # The whole book as one HTML page, printed by headless Chromium once MathJax has typeset it.
-pdf: setup $(MATHJAX) browser
+pdf: setup browser
 	$(VENV)/bin/jb build --builder singlehtml book/
 	mkdir -p book/_build/pdf
 	profile=$$(mktemp -d) && $(CHROMIUM) $(CHROMIUM_FLAGS) --user-data-dir="$$profile" \
@@ -63,18 +60,6 @@ clean:
 constraints: setup
 	{ sed -n '1,3p' constraints.txt; $(PY) -m pip freeze --exclude-editable | grep -v '^-e'; } > constraints.txt.new
 	mv constraints.txt.new constraints.txt
-
-# es5/ of the npm package mathjax, unpacked to book/_mathjax/mathjax/ (not under book/_static:
-# Jupyter Book would add every .js file there to every page). book/_config.yml points at it.
-mathjax: $(MATHJAX)
-
-$(MATHJAX):
-	@command -v npm > /dev/null || { echo "make: npm is needed to fetch MathJax (apt-get install npm)"; exit 1; }
-	rm -rf book/_mathjax && mkdir -p book/_mathjax/.pack
-	npm pack --silent --pack-destination book/_mathjax/.pack mathjax@$(MATHJAX_VERSION) > /dev/null
-	tar -xzf book/_mathjax/.pack/mathjax-$(MATHJAX_VERSION).tgz -C book/_mathjax/.pack package/es5
-	mv book/_mathjax/.pack/package/es5 book/_mathjax/mathjax && rm -rf book/_mathjax/.pack
-	@test -f $@ && touch $@
 
 # Install Debian's chromium when it is missing and we are root (as in CI); otherwise say what to do.
 browser:

@@ -28,7 +28,6 @@ from lowrank.engine import report
 
 ROOT = Path(__file__).resolve().parents[1]
 BOOK = ROOT / "book"
-MATHJAX = BOOK / "_mathjax" / "mathjax" / "tex-chtml.js"
 CHROMIUM = shutil.which(os.environ.get("CHROMIUM", "chromium"))
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -111,8 +110,6 @@ def built_book(tmp_path_factory):
     The build uses a copy of book/ as committed, whose figures/ are the record of the last full-size
     `make report`, so nothing has to run before it.
     """
-    if not MATHJAX.is_file():
-        pytest.fail(f"{MATHJAX.relative_to(ROOT)} is missing: run `make mathjax` (needs npm) first")
     missing = [str(n.relative_to(ROOT)) for n in _figure_notebooks() if not n.is_file()]
     if missing:
         pytest.fail(f"the record is incomplete, {missing} missing: run `make report` and commit book/figures/")
@@ -176,6 +173,56 @@ def test_pages_load_mathjax_from_the_build(built_book, name):
     remote += [link.get("href", "") for link in tags.tags["link"]
                if link.get("rel") in ("stylesheet", "preload") and urlsplit(link.get("href", "")).netloc]
     assert not remote, f"{name}.html loads from the network: {remote}"
+
+
+def _tracked_files_copy(dest: Path) -> Path:
+    """Copy every file git tracks, as it is in the working tree, to dest: what a fresh clone of this tree
+    holds once it is committed (no build, no virtual environment, nothing ignored or untracked)."""
+    try:
+        listed = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("not a git checkout: no tracked files to copy")
+    for name in filter(None, listed.decode("utf-8").split("\0")):
+        source = ROOT / name
+        if source.is_symlink() or source.is_file():  # a file deleted in the working tree is left out
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, dest / name, follow_symlinks=False)
+    return dest
+
+
+def test_a_fresh_clone_builds_the_book_with_mathjax_from_python_packages_alone(tmp_path):
+    """`jb build -W -n book/` in a fresh clone (the tracked files alone: no npm, no fetched MathJax, no
+    proxy that would let it download one) succeeds, puts MathJax into the build, and every page with math
+    loads that copy, no CDN."""
+    clone = _tracked_files_copy(tmp_path / "clone")
+    assert (clone / "book" / "_config.yml").is_file()
+    shipped = sorted(str(p.relative_to(clone)) for p in clone.rglob("tex-chtml.js"))
+    assert not shipped, f"the repository itself ships a MathJax: {shipped}"
+    unreachable = "http://127.0.0.1:9"  # the discard port: any download through a proxy fails at once
+    env = {**os.environ, "http_proxy": unreachable, "https_proxy": unreachable,
+           "HTTP_PROXY": unreachable, "HTTPS_PROXY": unreachable, "no_proxy": "", "NO_PROXY": ""}
+    run = subprocess.run([_jb(), "build", "-W", "-n", "--keep-going", "book/"], cwd=clone, env=env,
+                         capture_output=True, text=True, timeout=600)
+    log = run.stdout + run.stderr
+    assert run.returncode == 0, f"jb build -W -n book/ failed in a fresh clone:\n{log[-6000:]}"
+    assert "build succeeded" in log
+
+    html = clone / "book" / "_build" / "html"
+    mathjax = html / "_static" / "mathjax" / "tex-chtml.js"
+    assert mathjax.is_file(), "the build has no _static/mathjax/tex-chtml.js"
+    assert (mathjax.parent / "output" / "chtml" / "fonts" / "woff-v2").is_dir(), "MathJax's fonts are missing"
+    loading = []
+    for page in _reader_pages(html):
+        source = page.read_text(encoding="utf-8")
+        assert "cdn.jsdelivr.net" not in source, f"{page.name} names the MathJax CDN"
+        scripts = [s.get("src", "") for s in _parse(source).tags["script"] if s.get("src")]
+        remote = [s for s in scripts if urlsplit(s).scheme or urlsplit(s).netloc]
+        assert not remote, f"{page.name} loads scripts from the network: {remote}"
+        local = [s for s in scripts if "mathjax" in s.lower() or "tex-" in s]
+        assert all((page.parent / urlsplit(s).path).resolve() == mathjax.resolve() for s in local), local
+        if local:
+            loading.append(page.relative_to(html).with_suffix("").as_posix())
+    assert set(MATH_PAGES) <= set(loading), f"pages with math that load no MathJax: {set(MATH_PAGES) - set(loading)}"
 
 
 def _reader_pages(html: Path) -> list[Path]:

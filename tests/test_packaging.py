@@ -63,3 +63,21 @@ def test_the_how_to_cite_page_gives_the_citation_file_s_entry():
     assert citation["license"] in entry and citation["authors"][0]["name"] in entry
     title = " ".join(entry.split("title", 1)[1].split("=", 1)[1].split("},\n", 1)[0].split())
     assert re.sub(r"[{}]", "", title).strip(" {") == citation["title"]
+
+
+def test_the_book_s_mathjax_comes_from_a_pinned_python_package_not_npm():
+    """MathJax is put into the book's build by the Sphinx extension sphinx-mathjax-offline (a wheel on PyPI):
+    the report extra installs it, constraints.txt pins it, the book's config loads it and names no other
+    MathJax and no static folder that a fresh clone lacks, and the Makefile fetches nothing with npm."""
+    import re
+
+    config = yaml.safe_load((ROOT / "book" / "_config.yml").read_text(encoding="utf-8"))["sphinx"]
+    assert "sphinx-mathjax-offline" in config.get("extra_extensions", [])
+    assert "mathjax_path" not in config["config"], "the extension sets mathjax_path itself"
+    for folder in config["config"].get("html_static_path", []):
+        assert (ROOT / "book" / folder).is_dir(), f"html_static_path names {folder!r}, which the repository lacks"
+    report = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["optional-dependencies"]["report"]
+    assert any(re.match(r"sphinx-mathjax-offline\b", requirement) for requirement in report)
+    constraints = (ROOT / "constraints.txt").read_text(encoding="utf-8")
+    assert re.search(r"^sphinx-mathjax-offline==\d+(\.\d+)+$", constraints, flags=re.M)
+    assert "npm" not in (ROOT / "Makefile").read_text(encoding="utf-8")
