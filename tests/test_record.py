@@ -87,3 +87,31 @@ def test_a_comment_in_an_experiment_config_leaves_the_record_current(tmp_path):
     assert report.figure_keys(commented) == report.figure_keys(figure)
     config.write_text(figure.config.read_text(encoding="utf-8").replace("seed = 0", "seed = 1"), encoding="utf-8")
     assert report.figure_keys(commented) != report.figure_keys(figure)
+
+
+#: What pandas prints in place of the rows it leaves out of a long DataFrame (``display.max_rows``).
+ELISION_MARKERS = ("<td>...</td>", "rows × ")
+
+
+@pytest.mark.parametrize("figure", FIGURES, ids=lambda f: f.name)
+def test_no_table_of_the_record_leaves_out_rows(figure):
+    notebook = nbformat.read(figure.output, as_version=4)
+    for index, cell in enumerate(notebook.cells):
+        for output in cell.get("outputs", []):
+            for mime, text in output.get("data", {}).items():
+                if mime.endswith(("text/html", "text/plain")) and isinstance(text, str):
+                    elided = [marker for marker in ELISION_MARKERS if marker in text]
+                    assert not elided, (f"{figure.output.name}, cell {index} ({mime}): a table shows {elided[0]!r} "
+                                        "instead of every row; glue it as lowrank.engine.summary.FullTable")
+
+
+def test_a_full_table_shows_every_row_where_pandas_would_elide_them():
+    import pandas as pd
+
+    from lowrank.engine.summary import FullTable
+
+    table = pd.DataFrame({"accuracy": range(100)})
+    assert any(marker in table._repr_html_() for marker in ELISION_MARKERS)  # what pandas does to a long table
+    full = FullTable(table)
+    assert not any(marker in full._repr_html_() or marker in repr(full) for marker in ELISION_MARKERS)
+    assert full._repr_html_().count("<td>") == 100 and len(repr(full).splitlines()) == 101  # a header and 100 rows

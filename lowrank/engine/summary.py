@@ -50,6 +50,24 @@ def total_seconds(results) -> Seconds:
     return Seconds(sum(float(r.history["train_seconds_cum"].iloc[-1]) for r in results))
 
 
+class FullTable:
+    """A table that the book shows whole. pandas elides the middle rows of a DataFrame longer than
+    ``display.max_rows`` (60) in both its HTML and its text; this shows every row, in a box that scrolls
+    vertically when it is taller than a screen (``.full-table`` in ``book/_css/book.css``)."""
+
+    def __init__(self, table: pd.DataFrame) -> None:
+        self.table = table
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def _repr_html_(self) -> str:
+        return f'<div class="full-table">{self.table.to_html(notebook=True, max_rows=None, max_cols=None)}</div>'
+
+    def __repr__(self) -> str:
+        return self.table.to_string(max_rows=None, max_cols=None)
+
+
 def names_text(names) -> Text:
     """A list of names as ``"a, b and c"`` (``"none"`` when empty)."""
     names = list(names)

@@ -181,7 +181,8 @@ def decay_findings(results: Sequence, truncation: dict[str, "pd.DataFrame"], pre
     tolerances = list(next(iter(truncation.values()))["eps"])
     lost = {eps: [100 * float(t.loc[t["eps"] == eps, "accuracy_lost"].iloc[0]) for t in truncation.values()]
             for eps in tolerances}
-    kept = [100 * float(t["factor_fraction"].iloc[0]) for t in truncation.values()]
+    kept = {eps: [100 * float(t.loc[t["eps"] == eps, "factor_fraction"].iloc[0]) for t in truncation.values()]
+            for eps in tolerances}
     values = {
         f"{prefix}_decay_eranks": [round(sum(final(runs[n], "erank_", layers)), 1) for n in DECAY_RUNS],
         f"{prefix}_decay_ranks": decays,
@@ -207,8 +208,11 @@ def decay_findings(results: Sequence, truncation: dict[str, "pd.DataFrame"], pre
         f"{prefix}_centre_nc1_end": round(float(centre[f"nc1_{layers[-1]}"].iloc[-1]), 2),
         **{f"{prefix}_lost_max_{label}": round(max(lost[eps]), 2) + 0.0
            for eps, label in ((1e-3, "1e3"), (1e-2, "1e2"), (1e-1, "1e1"))},
-        f"{prefix}_kept_min_1e3": round(min(kept), 1),
-        f"{prefix}_kept_max_1e3": round(max(kept), 1),
+        **{f"{prefix}_kept_{end}_{label}": round(pick(kept[eps]), 1)
+           for eps, label in ((1e-3, "1e3"), (1e-2, "1e2"), (1e-1, "1e1")) for end, pick in (("min", min), ("max", max))},
+        # Compressed: the factors r (n_in + n_out) of every layer hold fewer numbers than the dense matrices.
+        f"{prefix}_compressed_1e3": summary.names_text(name for name, fraction in zip(truncation, kept[1e-3])
+                                                       if fraction < 100),
         f"{prefix}_total_seconds": summary.total_seconds(results),
     }
     table = pd.DataFrame({f"lost at {eps:g} (points)": [round(v, 2) + 0.0 for v in lost[eps]] for eps in tolerances},
