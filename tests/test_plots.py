@@ -81,6 +81,16 @@ def test_a_model_as_accurate_as_a_cheaper_one_is_off_the_front():
     assert list(plots.pareto_front(table, "parameters").index) == ["cheap"]
 
 
+def test_rank_and_training_curves_mark_where_fine_tuning_starts(seeded):
+    assert plots.fine_tuning_start(seeded) is None
+    for result in seeded:
+        result.history["phase"] = ["train", "train", "fine-tune"]  # epochs 0-1 adaptive, epoch 2 fine-tuned
+    assert plots.fine_tuning_start(seeded) == 1
+    for figure in (plots.rank_curves(seeded), plots.training_curves(seeded)):
+        panels = [ax for ax in figure.axes if ax.get_xlabel() == "epoch"]
+        assert panels and all([1, 1] in [list(line.get_xdata()) for line in ax.get_lines()] for ax in panels)
+
+
 def test_a_figure_of_more_than_ten_models_still_gives_each_its_own_colour(make_result):
     many = [make_result(f"dynamical tau=0.{i}", 0, [0.1, 0.9], [16, 12]) for i in range(1, 15)]
     assert len(set(plots.colours(many).values())) == 14

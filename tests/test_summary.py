@@ -168,3 +168,30 @@ def test_the_published_comparison_marks_what_lies_within_one_standard_deviation(
     assert table.loc["a", "ranks"] == "[6]" and table.loc["a", "published (%)"] == "98.16 ± 0.26"
     assert list(table["ranks against published"]) == ["lower", "-"]  # 6 against 10; no published ranks
     assert summary.target_verdict(table, ["a"]).text == "met" and summary.target_verdict(table, ["a", "b"]).text == "missed"
+
+
+def test_the_largest_loss_rise_is_found_with_the_ranks_of_its_epoch():
+    history = pd.DataFrame({"epoch": range(5), "val_loss": [2.3, 0.5, 0.4, 0.9, 0.3],
+                            "rank_0": [10, 8, 8, 4, 4], "rank_1": [10, 10, 10, 10, 10], "rank_2": 10})
+    rise = summary.largest_loss_rise(SimpleNamespace(history=history))
+    assert rise == {"epoch": 3, "before": 0.4, "after": 0.9, "ranks_before": [8, 10], "ranks_after": [4, 10]}
+    falling = history.assign(val_loss=[2.3, 0.5, 0.4, 0.3, 0.2])
+    assert summary.largest_loss_rise(SimpleNamespace(history=falling)) == {"epoch": None}
+
+
+def test_loss_rises_are_counted_apart_for_epochs_that_lowered_a_rank():
+    adaptive = pd.DataFrame({"epoch": range(5), "val_loss": [2.3, 0.5, 0.6, 0.9, 0.3],
+                             "rank_0": [10, 8, 8, 4, 4], "rank_1": 10})
+    fixed = adaptive.assign(rank_0=10)  # never changes rank: left out
+    counts = summary.loss_rises_by_rank_change([SimpleNamespace(history=adaptive), SimpleNamespace(history=fixed)])
+    # epochs 2-4: epoch 3 lowered a rank and the loss rose; epochs 2 (rose) and 4 (fell) lowered none
+    assert counts == {"rank_fell": 1, "rank_fell_loss_rose": 1, "no_rank_fell": 2, "no_rank_fell_loss_rose": 1}
+
+
+def test_the_loss_spike_reads_as_a_sentence_with_the_counts_beside_it():
+    history = pd.DataFrame({"epoch": range(5), "val_loss": [2.3, 0.5, 0.4, 0.9, 0.3],
+                            "rank_0": [10, 8, 8, 4, 4], "rank_1": 10})
+    result = SimpleNamespace(history=history)
+    values = summary.loss_spike_values("fig_z", result, [result])
+    assert repr(values["fig_z_spike"]) == "rises most in epoch 3, from 0.400 to 0.900, while the ranks go from [8] to [4]"
+    assert values["fig_z_rank_fell"] == 1 and values["fig_z_no_rank_fell_loss_rose"] == 0

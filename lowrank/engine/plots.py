@@ -143,7 +143,7 @@ def seed_bars(results: Sequence, title: str = "") -> Figure:
 def training_curves(results: Sequence, title: str = "") -> Figure:
     """Losses and accuracies per epoch (2 x 2; mean over the seeds, their range shaded) and each model's training
     time (the student study's timer; mean, the range of the seeds as an error bar). The accuracy axes are zoomed to
-    the trained epochs (:func:`accuracy_limits`)."""
+    the trained epochs (:func:`accuracy_limits`); a dashed line marks where fixed-rank fine-tuning starts."""
     groups, colour = seed_groups(results), colours(results)
     fig = _unshown_figure(PAGE_WIDTH, 6.2 + 0.25 * len(groups))
     grid = fig.add_gridspec(3, 2, height_ratios=(1, 1, 0.25 + 0.1 * len(groups)))
@@ -152,6 +152,7 @@ def training_curves(results: Sequence, title: str = "") -> Figure:
         scale = 100 if "accuracy" in column else 1
         for model, members in groups.items():
             _band(ax, members, column, colour[model], scale, label=label(members))
+        _mark_fine_tuning(ax, fine_tuning_start(results))
         ax.set(xlabel="epoch", ylabel=name)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if "loss" in column:
@@ -174,9 +175,27 @@ def training_curves(results: Sequence, title: str = "") -> Figure:
     return fig
 
 
+def fine_tuning_start(results: Sequence) -> int | None:
+    """The epoch after which fixed-rank fine-tuning starts (the last epoch before the first history row of
+    ``phase`` ``"fine-tune"``), or ``None`` when no result fine-tunes."""
+    starts = [int(r.history.loc[r.history["phase"] == "fine-tune", "epoch"].min()) - 1
+              for r in results if "phase" in r.history and (r.history["phase"] == "fine-tune").any()]
+    return min(starts) if starts else None
+
+
+def _mark_fine_tuning(ax, start: int | None) -> None:
+    """A dashed vertical line at ``start`` (:func:`fine_tuning_start`), labelled at the top of ``ax``."""
+    if start is None:
+        return
+    ax.axvline(start, color="black", linestyle="--", linewidth=0.8, label="_fine-tuning starts")
+    ax.annotate("fine-tuning", (start, 1), xycoords=("data", "axes fraction"), xytext=(3, -3),
+                textcoords="offset points", va="top", fontsize="small")
+
+
 def rank_curves(results: Sequence) -> Figure:
     """Each low-rank layer's rank per epoch (one panel per hidden layer; one line per model, the mean over its
-    seeds with their range shaded). Dense models are left out; the others keep their colours (:func:`colours`)."""
+    seeds with their range shaded; a dashed line where fixed-rank fine-tuning starts, :func:`fine_tuning_start`).
+    Dense models are left out; the others keep their colours (:func:`colours`)."""
     groups, colour = seed_groups(results), colours(results)
     factorised = {name: members for name, members in groups.items()
                   if any(layer.type != "dense" for layer in members[0].config.layers)}
@@ -186,6 +205,7 @@ def rank_curves(results: Sequence) -> Figure:
     for ax, column in zip(axes.flat, layers):
         for name, members in factorised.items():
             _band(ax, members, column, colour[name], label=name)
+        _mark_fine_tuning(ax, fine_tuning_start(results))
         ax.set(xlabel="epoch", ylabel="rank", title=f"layer {column.removeprefix('rank_')}", yscale="log")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)

@@ -98,6 +98,54 @@ def hidden_rank_columns(history) -> list[str]:
     return [c for c in history.columns if c.startswith("rank_")][:-1]
 
 
+def largest_loss_rise(result, column: str = "val_loss") -> dict:
+    """The trained epoch in which ``column`` of ``result``'s history rose most over the epoch before: ``epoch``,
+    the loss ``before`` and ``after``, and the hidden ranks (:func:`hidden_rank_columns`) ``ranks_before`` and
+    ``ranks_after`` that epoch (``epoch`` is ``None`` when the loss never rose)."""
+    history = result.history.reset_index(drop=True)
+    rises = history[column].diff().iloc[2:]  # from the second trained epoch: epoch 1 starts from the random net
+    if rises.empty or rises.max() <= 0:
+        return {"epoch": None}
+    row = int(rises.idxmax())
+    ranks = hidden_rank_columns(history)
+    return {"epoch": int(history["epoch"].iloc[row]), "before": float(history[column].iloc[row - 1]),
+            "after": float(history[column].iloc[row]), "ranks_before": [int(history[c].iloc[row - 1]) for c in ranks],
+            "ranks_after": [int(history[c].iloc[row]) for c in ranks]}
+
+
+def loss_rises_by_rank_change(results, column: str = "val_loss") -> dict[str, int]:
+    """Over every trained epoch after the first of every model whose hidden ranks change at all: how many epochs
+    lowered some hidden rank (``rank_fell``) and in how many of them ``column`` rose (``rank_fell_loss_rose``),
+    and the same for the epochs that lowered no rank (``no_rank_fell``, ``no_rank_fell_loss_rose``)."""
+    counts = dict.fromkeys(("rank_fell", "rank_fell_loss_rose", "no_rank_fell", "no_rank_fell_loss_rose"), 0)
+    for result in results:
+        history = result.history.reset_index(drop=True)
+        ranks = history[hidden_rank_columns(history)]
+        if (ranks.nunique() == 1).all():
+            continue  # a dense or fixed-rank model: its ranks never move
+        fell = (ranks.diff() < 0).any(axis=1).iloc[2:]
+        rose = (history[column].diff() > 0).iloc[2:]
+        counts["rank_fell"] += int(fell.sum())
+        counts["rank_fell_loss_rose"] += int((fell & rose).sum())
+        counts["no_rank_fell"] += int((~fell).sum())
+        counts["no_rank_fell_loss_rose"] += int((~fell & rose).sum())
+    return counts
+
+
+def loss_spike_values(prefix: str, result, results, column: str = "val_loss") -> dict[str, object]:
+    """What the book says of ``result``'s largest loss rise (:func:`largest_loss_rise`) and of loss rises in the
+    epochs that lowered a rank over ``results`` (:func:`loss_rises_by_rank_change`), as glue values:
+    ``{prefix}_spike`` (a sentence's predicate) and one count per key of the latter."""
+    rise = largest_loss_rise(result, column)
+    if rise["epoch"] is None:
+        spike = Text("never rises after the second epoch")
+    else:
+        spike = Text(f"rises most in epoch {rise['epoch']}, from {rise['before']:.3f} to {rise['after']:.3f}, while "
+                     f"the ranks go from {rise['ranks_before']} to {rise['ranks_after']}")
+    return {f"{prefix}_spike": spike, **{f"{prefix}_{key}": count
+                                          for key, count in loss_rises_by_rank_change(results, column).items()}}
+
+
 def glue_results(prefix: str, results) -> None:
     """Glue each model's headline numbers for the book's prose, as ``{prefix}_{slug(name)}_{metric}``.
 
