@@ -77,3 +77,14 @@ def test_training_costs_count_a_model_that_two_figures_show_once(make_result):
     assert costs.loc["a", "trainings"] == 1 and costs.loc["d", "trainings"] == 1
     assert costs.loc["d", "epochs"] == 2 and costs.loc["d", "training time"] == "50.0 s"
     assert costs.loc["all", "trainings"] == 2 and costs.loc["all", "training time"] == "80.0 s"
+
+
+def test_repeated_trainings_of_one_configuration_measure_the_timing_noise(make_result):
+    first = make_result("dense", 0, [0.1, 0.9], [64, 64], seconds=30.0)
+    again = make_result("dense again", 0, [0.1, 0.9], [64, 64], seconds=20.0)  # the same network, another name
+    other = make_result("vanilla", 0, [0.1, 0.9], [20, 20], seconds=10.0)  # another configuration
+    table = claims.repeated_trainings({"fig_a": [first, other], "fig_m": [again], "fig_l": [first]})
+    assert list(table.index) == ["(a) dense seed=0; (m) dense again seed=0"]  # fig_l's copy is the same training
+    assert table.iloc[0]["training times"] == "30.0 s, 20.0 s" and table.iloc[0][claims.TIME_NOISE] == 20.0
+    assert repr(claims.timing_noise(table)) == "±20 %"
+    assert repr(claims.timing_noise(claims.repeated_trainings({"fig_a": [first]}))).startswith("unknown")

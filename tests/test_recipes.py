@@ -8,13 +8,14 @@ import pytest
 from lowrank.engine import summary
 from lowrank.engine.experiments import recipes
 
-RECIPES = ("dense", "random", "random, seed 1", "spectral", "spectral-ones", "spectral + L2 on factors",
+RECIPES = ("dense", "random", "random, seed 1", "random, flat", "spectral", "spectral-ones", "spectral + L2 on factors",
            "spectral + Frobenius decay", "warm start")
 
 
-def result(name: str, accuracy: float, erank: float) -> SimpleNamespace:
-    """A trained model as figure (h) has it: three epochs, the warm start factorised after the first."""
-    history = pd.DataFrame({"epoch": [0, 1, 2], "erank_0": [erank] * 3, "erank_1": [erank] * 3,
+def result(name: str, accuracy: float, erank: float, start: float = 64.0) -> SimpleNamespace:
+    """A trained model as figure (h) has it: three epochs from effective rank ``start`` to ``erank``, the warm
+    start factorised after the first."""
+    history = pd.DataFrame({"epoch": [0, 1, 2], "erank_0": [start, erank, erank], "erank_1": [start, erank, erank],
                             "val_accuracy": [0.1, 0.5, 0.9], "train_seconds_cum": [0.0, 1.0, 2.0],
                             "phase": ["warm-up", "warm-up", "low-rank"]})
     return SimpleNamespace(config=SimpleNamespace(name=name), test_accuracy=accuracy / 100, history=history)
@@ -43,7 +44,15 @@ def test_each_claim_needs_a_difference_beyond_the_seed_spread():
     assert values["fig_z_fashion_mnist_warm_start_best_of_random_spectral_points"] == 0.6
     assert list(table.columns) == ["MNIST", "Fashion-MNIST"] and table.loc["spectral - random (points)", "MNIST"] == 1.0
     assert values["fig_z_mnist_warm_switch_accuracy"] == 50.0  # the last warm-up epoch
-    assert repr(values["fig_z_total_seconds"]) == "32.0 s"  # 16 models of 2 s
+    assert repr(values["fig_z_total_seconds"]) == "36.0 s" and values["fig_z_models"] == 18  # 18 models of 2 s
+    assert values["fig_z_bias_verdict"].text == "holds on both datasets"  # from 64 to 50: far beyond the spread
+    assert values["fig_z_mnist_erank_random_flat_at_epoch_0"] == 64.0 and values["fig_z_mnist_erank_random_flat"] == 50.0
+
+
+def test_a_flat_start_whose_effective_rank_stays_within_the_seed_spread_shows_no_bias():
+    flat = {"random, seed 1": 49.0, "random, flat": 63.5}  # erank spread 1.0 (random 50 vs 49); flat falls by 0.5
+    values, _ = recipes.findings(dataset("MNIST", accuracies(), flat) + dataset("Fashion-MNIST", accuracies()), "fig_z")
+    assert values["fig_z_bias_verdict"].text == "holds on Fashion-MNIST only"
 
 
 def test_verdict_names_where_a_claim_holds():

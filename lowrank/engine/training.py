@@ -43,7 +43,7 @@ only, timings 0), so curves start at the initial loss:
     the network at the end of the epoch on the validation set.
 ``train_seconds``, ``train_seconds_cum``
     time inside ``optimizer.step`` (forward, backward, update; with ``torch.cuda.synchronize`` on cuda),
-    data loading excluded; and its running sum.
+    data loading and evaluation excluded; and its running sum.
 ``epoch_seconds``, ``epoch_seconds_cum``
     wall time of the training pass over the data, data loading included, evaluation excluded; running sum.
 ``parameters``, ``compression``, ``flops_per_sample``

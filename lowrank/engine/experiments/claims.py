@@ -9,13 +9,13 @@ otherwise; the evidence lists each comparison. Accuracy claims (:func:`accuracy_
 on one machine; timing claims (:func:`timing_claims`) change from run to run and are not compared by nbval.
 
 :func:`results_table` is the report's one table of every model; :func:`training_costs` what each figure's
-training took.
+training took; :func:`repeated_trainings` how much the time of one configuration varies between trainings.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import pandas as pd
 
@@ -159,7 +159,7 @@ def results_table(figures: dict[str, list]) -> pd.DataFrame:
 
 def training_costs(figures: dict[str, list]) -> pd.DataFrame:
     """What each figure's own models took to train: the number of trainings (models x seeds), their epochs and
-    the sum of their training times (data loading excluded; a model that two figures show counts once, in the
+    the sum of their training times (data loading and evaluation excluded; a model that two figures show counts once, in the
     first), and a last row ``all``."""
     seen: set[str] = set()
     rows = []
@@ -173,3 +173,37 @@ def training_costs(figures: dict[str, list]) -> pd.DataFrame:
     table.loc["all"] = table.sum()
     table["training time"] = [str(summary.Seconds(seconds)) for seconds in table.pop("seconds")]
     return table.astype({"trainings": int, "epochs": int})
+
+
+#: The column of :func:`repeated_trainings` that measures the timing noise.
+TIME_NOISE = "half-range (% of mean)"
+
+
+def repeated_trainings(figures: dict[str, list]) -> pd.DataFrame:
+    """Trainings of one configuration under different model names (the same layers, settings and seed; each
+    cache key once, ``figures``: ``{figure: results}``): one row per configuration trained more than once, with
+    the figure and name of each training, its time, and the half-range of the times as a percentage of their
+    mean, the run-to-run noise of a training time on the machine of the record (:data:`TIME_NOISE`)."""
+    groups: dict[str, dict[str, tuple[str, object]]] = {}
+    for figure, results in figures.items():
+        for result in results:
+            anonymous = replace(result.config, name="").cache_key()
+            groups.setdefault(anonymous, {}).setdefault(result.config.cache_key(), (figure, result))
+    rows = []
+    for trainings in groups.values():
+        if len(trainings) < 2:
+            continue
+        seconds = [float(result.history["train_seconds_cum"].iloc[-1]) for _, result in trainings.values()]
+        mean = sum(seconds) / len(seconds)
+        rows.append({"trainings": "; ".join(f"({figure.removeprefix('fig_')}) {result.config.name}"
+                                            for figure, result in trainings.values()),
+                     "training times": ", ".join(str(summary.Seconds(t)) for t in seconds),
+                     TIME_NOISE: round(100 * (max(seconds) - min(seconds)) / 2 / mean, 1)})
+    return pd.DataFrame(rows, columns=["trainings", "training times", TIME_NOISE]).set_index("trainings")
+
+
+def timing_noise(table: pd.DataFrame) -> summary.Text:
+    """The largest :data:`TIME_NOISE` of :func:`repeated_trainings` as the book states it: ``"±15 %"``."""
+    if table.empty:
+        return summary.Text("unknown (no configuration of the record was trained twice)")
+    return summary.Text(f"±{table[TIME_NOISE].max():.0f} %")
