@@ -109,3 +109,24 @@ def test_the_decay_table_states_eta_lambda_t_and_the_truncated_accuracy():
     assert table.loc["wd 0.01", "steps T"] == 20 and table.loc["wd 0.01", "eta lambda T"] == 0.02
     assert table.loc["wd 0", "eps-ranks"] == "[4, 4]" and table.loc["wd 0", "truncated accuracy (%)"] == 90.0
     assert values["fig_z_wd_0_01_eps_ranks"] == [2, 2] and values["fig_z_wd_0_lost"] == 0.0
+
+
+def test_a_gaussian_core_is_worse_conditioned_at_a_larger_rank_and_a_flat_one_not_at_all():
+    assert analysis.initial_core_condition(100) > analysis.initial_core_condition(50) > 10
+    assert analysis.initial_core_condition(100, init="kaiming-flat") == pytest.approx(1.0)
+
+
+def test_figure_b_names_the_remedies_that_lift_rank_100_beyond_the_seed_spread(make_result):
+    def seeds(name, accuracies, gap=0.0):
+        results = [make_result(name, s, [0.1, a], [100, 100]) for s, a in enumerate(accuracies)]
+        for result in results:
+            result.history["val_accuracy"] = result.history["train_accuracy"] - gap
+        return results
+
+    results = (seeds("vanilla r=50", [0.974, 0.975]) + seeds("vanilla r=100", [0.970, 0.972], gap=0.01)
+               + seeds("vanilla r=100, lr 0.0005", [0.976, 0.977]) + seeds("vanilla r=100, flat start", [0.971, 0.973]))
+    values = analysis.vanilla_rank_findings(results, "fig_z")
+    assert repr(values["fig_z_half_lr_vs_r100"]) == "above" and repr(values["fig_z_half_lr_vs_r50"]) == "above"
+    assert repr(values["fig_z_flat_vs_r100"]).startswith("within")
+    assert repr(values["fig_z_remedies"]) == "lr 0.0005"
+    assert values["fig_z_gap_r100"] == 1.0 and values["fig_z_gap_r50"] == 0.0

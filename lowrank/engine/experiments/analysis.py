@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from lowrank import metrics
 from lowrank.engine import summary
-from lowrank.layers import Dense
+from lowrank.layers import Dense, LowRank
 from lowrank.linalg import truncated_svd
 from lowrank.network import NeuralNetwork, effective_weight
 
@@ -218,3 +218,44 @@ def decay_findings(results: Sequence, truncation: dict[str, "pd.DataFrame"], pre
     table = pd.DataFrame({f"lost at {eps:g} (points)": [round(v, 2) + 0.0 for v in lost[eps]] for eps in tolerances},
                          index=list(truncation))
     return values, table
+
+
+#: Figure (b)'s models that test why a larger vanilla rank can end below a smaller one (:func:`vanilla_rank_findings`).
+RANK_REMEDIES = {"half_lr": "vanilla r=100, lr 0.0005", "flat": "vanilla r=100, flat start"}
+
+
+def initial_core_condition(rank: int, in_features: int = 784, out_features: int = 512, init: str = "kaiming",
+                           seed: int = 0) -> float:
+    """Condition number ``sigma_max(S) / sigma_min(S)`` of the core of a freshly initialised
+    :class:`~lowrank.layers.LowRank` layer (seeded): ``W = U S V^T`` with orthonormal ``U``, ``V`` has the
+    singular values of ``S``."""
+    torch.manual_seed(seed)
+    core = LowRank(in_features, out_features, rank, init=init).S.detach().double()
+    return float(torch.linalg.cond(core))
+
+
+def final_gap(members: Sequence) -> float:
+    """Training minus validation accuracy after the last epoch, in points, averaged over the seeds (training
+    accuracy as trained, over the epoch's batches: it lags, so the gap understates over-fitting)."""
+    return sum(100 * float(r.history["train_accuracy"].iloc[-1] - r.history["val_accuracy"].iloc[-1])
+               for r in members) / len(members)
+
+
+def vanilla_rank_findings(results: Sequence, prefix: str) -> dict[str, object]:
+    """Why vanilla rank 100 does not end above rank 50 (figure b), as glue values: the condition number of the
+    initial Gaussian core at both ranks (:func:`initial_core_condition`), the train-validation gap of both
+    (:func:`final_gap`), and each remedy of :data:`RANK_REMEDIES` (half the learning rate; a flat core, condition
+    number 1) against rank 100 and rank 50 (:func:`lowrank.engine.summary.versus`), and the remedies that lift
+    rank 100 above its default beyond the seed spread."""
+    groups = summary.seed_groups(results)
+    stats = {name: summary.seed_statistics(members) for name, members in groups.items()}
+    values: dict[str, object] = {f"{prefix}_condition_r{r}": round(initial_core_condition(r)) for r in (50, 100)}
+    values.update({f"{prefix}_gap_r{r}": round(final_gap(groups[f"vanilla r={r}"]), 2) + 0.0 for r in (50, 100)})
+    lifted = []
+    for key, name in RANK_REMEDIES.items():
+        for reference in (100, 50):
+            values[f"{prefix}_{key}_vs_r{reference}"] = summary.versus(stats, name, f"vanilla r={reference}")
+        if repr(values[f"{prefix}_{key}_vs_r100"]) == "above":
+            lifted.append(name.removeprefix("vanilla r=100, "))
+    values[f"{prefix}_remedies"] = summary.names_text(lifted)
+    return values
