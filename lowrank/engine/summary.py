@@ -138,7 +138,7 @@ def loss_spike_values(prefix: str, result, results, column: str = "val_loss") ->
     ``{prefix}_spike`` (a sentence's predicate) and one count per key of the latter."""
     rise = largest_loss_rise(result, column)
     if rise["epoch"] is None:
-        spike = Text("never rises after the second epoch")
+        spike = Text("never rises from one epoch to the next after the first")
     else:
         spike = Text(f"rises most in epoch {rise['epoch']}, from {rise['before']:.3f} to {rise['after']:.3f}, while "
                      f"the ranks go from {rise['ranks_before']} to {rise['ranks_after']}")

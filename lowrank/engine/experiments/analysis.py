@@ -221,7 +221,8 @@ def decay_findings(results: Sequence, truncation: dict[str, "pd.DataFrame"], pre
 
 
 #: Figure (b)'s models that test why a larger vanilla rank can end below a smaller one (:func:`vanilla_rank_findings`).
-RANK_REMEDIES = {"half_lr": "vanilla r=100, lr 0.0005", "flat": "vanilla r=100, flat start"}
+RANK_REMEDIES = {"half_lr": ("vanilla r=100 (lr 0.0005)", "half the learning rate"),
+                 "flat": ("vanilla r=100 (flat start)", "the flat start")}
 
 
 def initial_core_condition(rank: int, in_features: int = 784, out_features: int = 512, init: str = "kaiming",
@@ -252,10 +253,10 @@ def vanilla_rank_findings(results: Sequence, prefix: str) -> dict[str, object]:
     values: dict[str, object] = {f"{prefix}_condition_r{r}": round(initial_core_condition(r)) for r in (50, 100)}
     values.update({f"{prefix}_gap_r{r}": round(final_gap(groups[f"vanilla r={r}"]), 2) + 0.0 for r in (50, 100)})
     lifted = []
-    for key, name in RANK_REMEDIES.items():
+    for key, (name, remedy) in RANK_REMEDIES.items():
         for reference in (100, 50):
             values[f"{prefix}_{key}_vs_r{reference}"] = summary.versus(stats, name, f"vanilla r={reference}")
         if repr(values[f"{prefix}_{key}_vs_r100"]) == "above":
-            lifted.append(name.removeprefix("vanilla r=100, "))
+            lifted.append(remedy)
     values[f"{prefix}_remedies"] = summary.names_text(lifted)
     return values
