@@ -24,3 +24,8 @@ OPTIMIZERS = ("sgd", "adam")
 INTEGRATORS = ("kls", "single-pass")
 #: DLRT optimiser state when the bases change: carried to the new bases, or dropped.
 BASIS_STATES = ("project", "reset")
+#: DLRT step schedules for ``basis_interval = k``: new bases on every k-th step with S-steps on the truncated
+#: bases in between, or augmented local iterations (augment, k S-steps on the augmented bases, truncate).
+SCHEDULES = ("fixed-bases", "augmented")
+#: Adam's step counts of the coefficients S: one count per tensor, or one per coordinate (new coordinates at 0).
+NEW_COORDINATES = ("shared", "per-coordinate")

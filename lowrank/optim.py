@@ -47,6 +47,59 @@ with the element-wise squares of the same matrices (exact for a permutation of b
 non-negative approximation otherwise); ``basis_state="reset"`` drops the state at every step, which turns
 Adam into a sign-like update of the first step.
 
+Schedules for ``basis_interval = k`` (``schedule=``); for ``k = 1`` both are the step above, bit for bit:
+
+``"fixed-bases"`` (default)
+    steps ``1, k + 1, 2k + 1, ...`` are the step above (augmentation, S-step and truncation at once); the
+    ``k - 1`` steps in between are S-steps ``S <- S - h D_S`` on the truncated bases, with ``D_S`` from
+    ``dL/dS = U^T G V`` of one forward and backward pass.
+``"augmented"``
+    augmented local iterations, the schedule of the public RobustDLRT code: cycles of ``k`` steps, one forward
+    and backward pass each, with no QR or SVD between the first and the last step of a cycle.
+
+    1. Step 1 of a cycle augments, ``U_hat = [U, Q_U]``, ``V_hat = [V, Q_V]`` (:func:`augmented_basis` of the
+       K- and L-step directions, as above) and ``S_hat = [[S, 0], [0, 0]]``, which leaves
+       ``W = U_hat S_hat V_hat^T = U S V^T`` unchanged, installs ``(U_hat, S_hat, V_hat)`` as the layer's
+       factors and takes the S-step with ``U_hat^T G V_hat`` (single pass or kls, as above).
+    2. Steps 2 to ``k`` are S-steps on the fixed augmented bases. The layer's parameters are the augmented
+       factors, so autograd's ``S.grad = (X U_hat)^T (Delta V_hat) = U_hat^T G V_hat`` is the S-step gradient
+       and each step is the SGD or Adam step of ``torch.optim`` on ``S_hat`` with ``U_hat``, ``V_hat`` fixed.
+    3. After the S-step of step ``k``, the truncation of step 4 above: ``U = U_hat P_r1``, ``S = diag(d[:r1])``,
+       ``V = V_hat Q_r1``.
+
+    Between steps 1 and ``k`` the layer holds the augmented factors (``layer.rank`` is then the number of
+    columns of ``U_hat``, and ``S`` may be rectangular); the layer's and the optimiser's ``state_dict`` taken
+    there load into a new layer and optimiser that continue the run bit-identically.
+
+The state in the augmented schedule (``basis_state="project"``): the augmentation maps ``m_S`` to
+``[[m_S, 0], [0, 0]]`` (the change of basis with ``M = [I; 0]``, ``N = [I; 0]``: the old coordinates keep
+their vectors, the new ones start empty), and, when the cycle goes on (``k > 1``), pads the K state
+(``(n_in, r)``, in the coordinates of ``V``) with zero columns for ``Q_V`` and the L state with zero columns
+for ``Q_U``, so that until the truncation every state is in the coordinates of ``U_hat`` and ``V_hat``. The
+truncation maps ``m_S <- P_r1^T m_S Q_r1``, ``m_K <- m_K Q_r1`` (``V_hat^T V_new = Q_r1``), ``m_L <- m_L P_r1``,
+and the second moments with the squares of the same matrices. ``basis_state="reset"`` drops the state at
+the truncation.
+
+Adam's step count of the coefficients (``new_coordinates=``):
+
+``"shared"`` (default)
+    one count ``t`` per tensor, as ``torch.optim.Adam`` keeps it. A coordinate that the augmentation adds
+    starts with ``m = v = 0`` but the count of ``S``, so its first direction is
+    ``(1 - beta1) g / (1 - beta1^t) / (sqrt((1 - beta2) g^2 / (1 - beta2^t)) + eps)``, about
+    ``(1 - beta1) / sqrt(1 - beta2) = 3.2`` times the sign of ``g`` at large ``t`` (1.35 at ``t = 200``)
+    instead of 1.
+``"per-coordinate"``
+    ``S`` carries a count ``t_ij`` per coordinate (state ``"coordinate_steps"``, of the shape of ``S``): every
+    step advances it by one and the bias corrections ``1 - beta^t_ij`` are taken element-wise
+    (:func:`lowrank.torch_compat.adam_directions_per_coordinate`). The augmentation gives the new block
+    ``t = 0`` with its zero moments, so a new coordinate's first direction is ``g / (|g| + eps)``: a step of
+    ``h``, as for a new parameter of ``torch.optim.Adam``. The truncation maps ``t`` like the second moment,
+    ``t <- (P_r1^T)^2 t Q_r1^2``: the columns of ``P_r1`` and ``Q_r1`` are unit vectors, so each new count is
+    a weighted mean of the old ones, with the weights of the second moment, and a permutation of the basis
+    carries the counts exactly. (The fixed-rank change of basis maps ``t`` with ``M^2``, ``N^2`` alike: a
+    coordinate partly outside the old span counts as partly new, as its second moment does.) The K and L
+    states keep one count per tensor.
+
 Weight decay ``lambda`` on ``W`` adds ``lambda W`` to ``G``, that is ``lambda K``, ``lambda L`` and
 ``lambda S_hat`` to the three gradients.
 
@@ -59,7 +112,8 @@ their numerical rank, about a dozen ``(n, r) x (r, r)`` products (projections, `
 change of basis), one ``2r x 2r`` decomposition (:func:`truncate`: the eigendecomposition of a Gram matrix
 in float64 for float32 training, an SVD otherwise), and for the single-pass integrator ``X Q_U`` and
 ``Delta Q_V`` (``B n r`` each). The Adam directions of all factors are computed by one fused kernel call.
-With ``basis_interval = k`` this work is done on every ``k``-th step only. ``python -m lowrank benchmark``
+With ``basis_interval = k`` this work is done on every ``k``-th step only (in the augmented schedule the
+QRs on the first step of a cycle, the decomposition on the last). ``python -m lowrank benchmark``
 (:mod:`lowrank.engine.experiments.benchmark`) measures the step against a dense network.
 """
 
@@ -73,9 +127,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lowrank.choices import BASIS_STATES, INTEGRATORS, OPTIMIZERS
+from lowrank.choices import BASIS_STATES, INTEGRATORS, NEW_COORDINATES, OPTIMIZERS, SCHEDULES
 from lowrank.layers import DynamicalLowRank
-from lowrank.torch_compat import adam_directions, momentum_update_
+from lowrank.torch_compat import adam_directions, adam_directions_per_coordinate, momentum_update_
 
 # Rank-adaptive steps check (and restore) the orthonormality of U and V every this many steps; the drift of
 # a step is ~2-3 eps in float32, so between checks U^T U - I stays below ~30 eps.
@@ -265,7 +319,8 @@ def robust_svd(matrix: Tensor, precision: torch.dtype | None = None) -> tuple[Te
 
 
 def _change_basis(state: dict[str, Any], left: Tensor | None, right: Tensor | None) -> None:
-    """Express optimiser state in new coordinates: ``m <- left m right``, ``v <- left^2 v right^2``."""
+    """Express optimiser state in new coordinates: ``m <- left m right``, ``v <- left^2 v right^2`` (and Adam's
+    per-coordinate step counts like ``v``)."""
 
     def apply(x: Tensor, power: int) -> Tensor:
         if left is not None:
@@ -274,14 +329,15 @@ def _change_basis(state: dict[str, Any], left: Tensor | None, right: Tensor | No
             x = x @ (right if power == 1 else right.square())
         return x
 
-    for key, power in (("momentum_buffer", 1), ("exp_avg", 1), ("exp_avg_sq", 2)):
+    for key, power in (("momentum_buffer", 1), ("exp_avg", 1), ("exp_avg_sq", 2), ("coordinate_steps", 2)):
         if key in state:
             state[key] = apply(state[key], power)
 
 
 def _pad_state(state: dict[str, Any], rows: int, cols: int) -> None:
-    """``m <- [[m, 0], [0, 0]]`` of shape ``(rows, cols)`` for every moment: ``_change_basis`` with ``[I; 0]``."""
-    for key in ("momentum_buffer", "exp_avg", "exp_avg_sq"):
+    """``m <- [[m, 0], [0, 0]]`` of shape ``(rows, cols)`` for every moment (and per-coordinate step count):
+    ``_change_basis`` with ``[I; 0]``."""
+    for key in ("momentum_buffer", "exp_avg", "exp_avg_sq", "coordinate_steps"):
         if key in state:
             old = state[key]
             state[key] = old.new_zeros(rows, cols)
@@ -316,10 +372,15 @@ class DLRT(torch.optim.Optimizer):
         weight_decay: ``lambda >= 0``, decay of ``W`` (see module docstring).
         integrator: ``"kls"`` or ``"single-pass"`` (module docstring).
         basis_state: ``"project"`` or ``"reset"``, what happens to the optimiser state when bases change.
-        basis_interval: ``k >= 1``. Steps ``1, k + 1, 2k + 1, ...`` are full DLRT steps (K-, L- and S-steps,
-            augmentation and truncation); the ``k - 1`` steps in between are S-steps on the fixed bases,
-            ``S <- S - h D_S`` with ``D_S`` from ``dL/dS = U^T G V`` of one forward and backward pass (no QR, no
-            SVD, no second pass; the rank and the K, L state stay as they are). ``k = 1`` is the classic step.
+        basis_interval: ``k >= 1``, the steps between new bases; ``k = 1`` is the classic step.
+        schedule: what the ``k`` steps do (module docstring). ``"fixed-bases"``: steps ``1, k + 1, 2k + 1, ...``
+            are full DLRT steps (K-, L- and S-steps, augmentation and truncation) and the ``k - 1`` steps in
+            between S-steps ``S <- S - h D_S`` on the truncated bases, ``D_S`` from ``dL/dS = U^T G V`` of one
+            forward and backward pass (no QR, no SVD, no second pass; the rank and the K, L state stay as they
+            are). ``"augmented"``: augmented local iterations, the K- and L-steps and the augmentation on step
+            1 of every ``k``, S-steps on the augmented bases, the truncation after the S-step of step ``k``.
+            Fixed-rank layers take the same steps under both.
+        new_coordinates: ``"shared"`` or ``"per-coordinate"``, Adam's step count of ``S`` (module docstring).
 
     ``step(closure)``: the closure clears gradients, evaluates the loss, calls ``backward()`` and returns the
     loss, as for ``torch.optim.LBFGS``. ``step`` calls it once (twice with ``"kls"``) and returns the loss of
@@ -341,6 +402,8 @@ class DLRT(torch.optim.Optimizer):
         integrator: str = "kls",
         basis_state: str = "project",
         basis_interval: int = 1,
+        schedule: str = "fixed-bases",
+        new_coordinates: str = "shared",
     ) -> None:
         if not lr > 0.0:
             raise ValueError(f"Invalid learning rate: {lr}")
@@ -358,6 +421,10 @@ class DLRT(torch.optim.Optimizer):
             raise ValueError(f"Invalid basis_state: {basis_state!r}; allowed: {BASIS_STATES}")
         if not (isinstance(basis_interval, int) and basis_interval >= 1):
             raise ValueError(f"Invalid basis_interval: {basis_interval!r}; allowed: an integer >= 1")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"Invalid schedule: {schedule!r}; allowed: {SCHEDULES}")
+        if new_coordinates not in NEW_COORDINATES:
+            raise ValueError(f"Invalid new_coordinates: {new_coordinates!r}; allowed: {NEW_COORDINATES}")
         self.layers = list(layers)
         if not self.layers:
             raise ValueError("DLRT got an empty list of layers")
@@ -366,7 +433,9 @@ class DLRT(torch.optim.Optimizer):
         self.integrator = integrator
         self.basis_state = basis_state
         self.basis_interval = basis_interval
-        self._steps = 0  # saved in state_dict: which steps update the bases depends on it
+        self.schedule = schedule
+        self.new_coordinates = new_coordinates
+        self._steps = 0  # saved in state_dict: which steps update the bases (and truncate) depends on it
         # Averages a list of tensors over processes, in place; set by lowrank.engine.distributed.World.prepare.
         self.gradient_average: Callable[[list[Tensor]], None] | None = None
         for layer in self.layers:
@@ -402,11 +471,18 @@ class DLRT(torch.optim.Optimizer):
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
         if closure is None and self.integrator == "kls":
             raise ValueError("DLRT(integrator='kls') needs a closure: its S-step runs a second forward/backward")
-        basis_step = self._steps % self.basis_interval == 0
+        position = self._steps % self.basis_interval
+        basis_step = position == 0
+        # Whether this step truncates: every basis step (fixed-bases), the last step of a cycle (augmented).
+        truncating = basis_step if self.schedule == "fixed-bases" else position == self.basis_interval - 1
         loss = self._evaluate(closure, basis_step) if closure is not None else None
         self._steps += 1
         if not basis_step:
             self._fixed_basis_step()
+            if truncating:  # the end of an augmented cycle: the layers hold U_hat, S_hat, V_hat
+                for layer in self.layers:
+                    if layer.adaptive:
+                        self._truncate(layer, layer.S.data)
             return loss
         pairs = list(zip(self.layers, self.param_groups))
         # K- and L-steps; the update directions of all layers are computed together (_directions).
@@ -420,7 +496,7 @@ class DLRT(torch.optim.Optimizer):
                 l_grad = l_grad + decay * (layer.V.data @ layer.S.data.T)
             gradients += [(layer.U, k_grad, group), (layer.V, l_grad, group)]
         directions = self._directions(gradients)
-        bases = [self._basis_update(layer, group, directions[2 * i], directions[2 * i + 1])
+        bases = [self._basis_update(layer, group, directions[2 * i], directions[2 * i + 1], truncating)
                  for i, (layer, group) in enumerate(pairs)]
         if self.integrator == "kls":  # a pass for S.grad only: G V and G^T U are not needed
             self._evaluate(closure, basis_step=False)
@@ -439,8 +515,8 @@ class DLRT(torch.optim.Optimizer):
             # Several processes: these S-gradients come from each one's own recorded activations (the same
             # weight-decay term is averaged along); kls's S.grad was averaged after its backward pass.
             self.gradient_average([s_grad for _, s_grad, _ in gradients])
-        for (layer, group), basis, direction in zip(pairs, bases, self._directions(gradients)):
-            self._coefficient_update(layer, group, direction, basis)
+        for (layer, group), basis, direction in zip(pairs, bases, self._coefficient_directions(gradients)):
+            self._coefficient_update(layer, group, direction, basis, truncating)
         return loss
 
     def _fixed_basis_step(self) -> None:
@@ -453,15 +529,22 @@ class DLRT(torch.optim.Optimizer):
             if group["weight_decay"]:
                 s_grad = s_grad + group["weight_decay"] * layer.S.data
             gradients.append((layer.S, s_grad, group))
-        for (s, _, group), direction in zip(gradients, self._directions(gradients)):
+        for (s, _, group), direction in zip(gradients, self._coefficient_directions(gradients)):
             s.data.add_(direction, alpha=-group["lr"])
 
-    def _directions(self, items: list[tuple[Tensor, Tensor, dict[str, Any]]]) -> list[Tensor]:
+    def _coefficient_directions(self, items: list[tuple[Tensor, Tensor, dict[str, Any]]]) -> list[Tensor]:
+        """:meth:`_directions` of the ``(S, grad, group)`` items, with Adam's step count after ``new_coordinates``."""
+        return self._directions(items, coordinate_steps=self.new_coordinates == "per-coordinate")
+
+    def _directions(self, items: list[tuple[Tensor, Tensor, dict[str, Any]]],
+                    coordinate_steps: bool = False) -> list[Tensor]:
         """The update directions of ``(param, grad, group)`` items under their groups' methods.
 
         Adam: ``m <- beta1 m + (1 - beta1) g``, ``v <- beta2 v + (1 - beta2) g^2`` and the direction
         ``m_hat / (sqrt(v_hat) + eps)`` with the bias corrections ``m_hat = m / (1 - beta1^t)``,
-        ``v_hat = v / (1 - beta2^t)``; ``t`` counts the param's steps. SGD: ``buf <- momentum buf + g`` (the
+        ``v_hat = v / (1 - beta2^t)``; ``t`` counts the param's steps, or, with ``coordinate_steps``, each
+        coordinate's (state ``"coordinate_steps"``, the param's shape; one that has none yet starts from the
+        shared count, the coordinates of a fresh state from zero). SGD: ``buf <- momentum buf + g`` (the
         direction), or ``g``. State is kept under ``param`` and updated in place. Items whose groups share
         the method and its coefficients are processed together (:mod:`lowrank.torch_compat`).
         """
@@ -476,13 +559,23 @@ class DLRT(torch.optim.Optimizer):
             states = [self.state[param] for param in params]
             if method == "adam":
                 for state, grad in zip(states, grads):
-                    state["step"] = state.get("step", 0) + 1
+                    if coordinate_steps:
+                        if "coordinate_steps" not in state:
+                            state["coordinate_steps"] = torch.full(grad.shape, float(state.pop("step", 0)),
+                                                                   dtype=grad.dtype, device=grad.device)
+                        state["coordinate_steps"] += 1
+                    else:
+                        state["step"] = state.get("step", 0) + 1
                     if "exp_avg" not in state:  # contiguous, as _adam_directions needs
                         zeros = torch.zeros(grad.shape, dtype=grad.dtype, device=grad.device)
                         state["exp_avg"], state["exp_avg_sq"] = zeros, zeros.clone()
-                batch = adam_directions(grads, [state["exp_avg"] for state in states],
-                                        [state["exp_avg_sq"] for state in states],
-                                        [state["step"] for state in states], beta1, beta2, eps)
+                moments = [state["exp_avg"] for state in states], [state["exp_avg_sq"] for state in states]
+                if coordinate_steps:
+                    batch = adam_directions_per_coordinate(grads, *moments,
+                                                           [state["coordinate_steps"] for state in states],
+                                                           beta1, beta2, eps)
+                else:
+                    batch = adam_directions(grads, *moments, [state["step"] for state in states], beta1, beta2, eps)
             elif momentum > 0:
                 fresh = [i for i, state in enumerate(states) if "momentum_buffer" not in state]
                 for i in fresh:
@@ -497,10 +590,13 @@ class DLRT(torch.optim.Optimizer):
         return directions
 
     def _basis_update(self, layer: DynamicalLowRank, group: dict[str, Any], k_direction: Tensor,
-                      l_direction: Tensor) -> _Bases:
+                      l_direction: Tensor, truncating: bool) -> _Bases:
         """K- and L-steps for the directions ``D_K``, ``D_L``: installs ``(U_hat, S_hat, V_hat)`` in the layer.
 
-        Returns what the S-step needs (:class:`_Bases`).
+        Rank-adaptive, the layer keeps ``U`` and ``V`` when the single-pass step truncates at once (its S-step
+        gradient comes from the recorded pass) and takes the concatenated bases otherwise (kls's second pass, an
+        augmented cycle's S-steps), the K and L state then padded into their coordinates when the cycle goes on
+        (module docstring). Returns what the S-step needs (:class:`_Bases`).
         """
         u, s, v = layer.U.data, layer.S.data, layer.V.data
         if layer.adaptive:
@@ -511,10 +607,13 @@ class DLRT(torch.optim.Optimizer):
             s_hat = s.new_zeros(rows, cols)
             s_hat[: s.shape[0], : s.shape[1]] = s
             _pad_state(self.state[layer.S], rows, cols)
-            if self.integrator == "kls":  # the second pass needs the concatenated bases
+            if self.integrator == "kls" or not truncating:
                 layer.set_factors(torch.cat([u, u_extra], 1), s_hat, torch.cat([v, v_extra], 1))
             else:
                 layer.S.data = s_hat
+            if not truncating:
+                _pad_state(self.state[layer.U], u.shape[0], cols)
+                _pad_state(self.state[layer.V], v.shape[0], rows)
             return _Bases(u, v, u_extra=u_extra, v_extra=v_extra)
         u_hat = orthonormal_basis(torch.add(u @ s, k_direction, alpha=-group["lr"]))
         v_hat = orthonormal_basis(torch.add(v @ s.T, l_direction, alpha=-group["lr"]))
@@ -524,25 +623,44 @@ class DLRT(torch.optim.Optimizer):
         return _Bases(u, v, m=m, n=n)
 
     def _coefficient_update(self, layer: DynamicalLowRank, group: dict[str, Any], direction: Tensor,
-                            basis: _Bases) -> None:
-        """S-step along ``direction``, (rank-adaptive) truncation to the new rank, and the state's change of basis."""
+                            basis: _Bases, truncating: bool) -> None:
+        """S-step along ``direction``, then (rank-adaptive, if ``truncating``) the truncation to the new rank, with
+        the state's change of basis."""
         s_hat = torch.add(layer.S.data, direction, alpha=-group["lr"])
         if not layer.adaptive:
             layer.set_factors(layer.U.data, s_hat, layer.V.data)
             # K = W V, L = W^T U: the K state follows V^T V_hat = N^T, the L state U^T U_hat = M^T.
             self._follow_bases(layer, basis.n.T, basis.m.T)
-            return
+        elif truncating:
+            self._truncate(layer, s_hat, basis)
+        else:  # an augmented cycle goes on: the layer holds U_hat and V_hat (_basis_update)
+            layer.S.data = s_hat
+
+    def _truncate(self, layer: DynamicalLowRank, s_hat: Tensor, basis: _Bases | None = None) -> None:
+        """Truncate ``S_hat = P diag(d) Q^T`` (:func:`truncate`) and install ``U_hat P_r1``, ``diag(d[:r1])``,
+        ``V_hat Q_r1``, the state following the bases.
+
+        ``basis``: the step's old bases ``U``, ``V`` and new directions ``Q_U``, ``Q_V`` (``U_hat = [U, Q_U]``, the K
+        and L state in the coordinates of ``V`` and ``U``); ``None`` at the end of an augmented cycle, where the layer
+        holds ``U_hat``, ``V_hat`` and the K and L state is in their coordinates.
+        """
         p, d, q = truncate(s_hat, layer.tau, layer.r_min, layer.r_max)
         _change_basis(self.state[layer.S], p.T, q)
-        r_u, r_v = basis.u.shape[1], basis.v.shape[1]
-        # U_new = [U, Q_U] P = U P[:r] + Q_U P[r:]; U^T U_new = P[:r] (and V^T V_new = Q[:r]) as U^T Q_U = 0.
-        u_new = torch.addmm(basis.u_extra @ p[r_u:], basis.u, p[:r_u])
-        v_new = torch.addmm(basis.v_extra @ q[r_v:], basis.v, q[:r_v])
+        if basis is None:
+            u_new, v_new, u_change, v_change = layer.U.data @ p, layer.V.data @ q, p, q
+        else:
+            r_u, r_v = basis.u.shape[1], basis.v.shape[1]
+            # U_new = [U, Q_U] P = U P[:r] + Q_U P[r:]; U^T U_new = P[:r] (and V^T V_new = Q[:r]) as U^T Q_U = 0.
+            u_new = torch.addmm(basis.u_extra @ p[r_u:], basis.u, p[:r_u])
+            v_new = torch.addmm(basis.v_extra @ q[r_v:], basis.v, q[:r_v])
+            u_change, v_change = p[:r_u], q[:r_v]
         s_new = torch.diag(d)
-        if self._steps % ORTHONORMALITY_CHECK_INTERVAL == 0:
+        # Every ORTHONORMALITY_CHECK_INTERVAL-th step (fixed-bases) or cycle (augmented; the same for k = 1).
+        count = self._steps // self.basis_interval if self.schedule == "augmented" else self._steps
+        if count % ORTHONORMALITY_CHECK_INTERVAL == 0:
             u_new, s_new, v_new = restore_orthonormality(u_new, s_new, v_new)
         layer.set_factors(u_new, s_new, v_new)
-        self._follow_bases(layer, q[:r_v], p[:r_u])
+        self._follow_bases(layer, v_change, u_change)
 
     def _follow_bases(self, layer: DynamicalLowRank, v_change: Tensor, u_change: Tensor) -> None:
         """Map the K and L state to the new bases (``m_K <- m_K V^T V_new``, ``m_L <- m_L U^T U_new``), or drop all.
@@ -612,7 +730,7 @@ def dlrt_optimizer(model: nn.Module, lr: float = 1e-3, method: str = "adam",
             (the fused kernel where the parameters allow) or ``torch.optim.SGD`` after ``method``, with ``lr``
             and DLRT's ``momentum`` and ``weight_decay``.
         dlrt_options: DLRT's other arguments (``momentum``, ``weight_decay``, ``integrator``, ``basis_state``,
-            ``basis_interval``).
+            ``basis_interval``, ``schedule``, ``new_coordinates``).
 
     ``step(closure)`` of the result runs the DLRT step, which evaluates the closure, then the other optimiser.
     """

@@ -8,6 +8,11 @@ Adam, for a gradient ``g``, moments ``m``, ``v`` and the step count ``t`` (``DLR
 
     m <- beta1 m + (1 - beta1) g,   v <- beta2 v + (1 - beta2) g^2
     direction = (m / (1 - beta1^t)) / (sqrt(v / (1 - beta2^t)) + eps)
+
+With a step count per coordinate (``t`` a tensor of the parameter's shape, :func:`adam_directions_per_coordinate`)
+the bias corrections are taken element-wise. The fused kernel cannot do that: it reads one scalar count per
+tensor (given a ``(3, 3)`` count, torch 2.14 raises "a Tensor with 9 elements cannot be converted to Scalar"),
+and so does ``torch.optim.Adam``; that function uses public operations only.
 """
 
 from __future__ import annotations
@@ -55,6 +60,22 @@ def adam_directions(grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: li
         m.mul_(beta1).add_(g, alpha=1 - beta1)
         v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
         directions.append((m / (1 - beta1**t)) / (v.sqrt() / math.sqrt(1 - beta2**t) + eps))
+    return directions
+
+
+def adam_directions_per_coordinate(grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+                                   steps: list[Tensor], beta1: float, beta2: float, eps: float) -> list[Tensor]:
+    """:func:`adam_directions` with a step count per coordinate: ``steps[i]`` has the shape of ``grads[i]`` (already
+    advanced for this step), and ``1 - beta^t`` is taken element-wise, computed in float64 as the fused kernel
+    does for its scalar count."""
+    directions = []
+    for g, m, v, t in zip(grads, exp_avgs, exp_avg_sqs, steps):
+        m.mul_(beta1).add_(g, alpha=1 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        exponent = t.double()
+        first = (1 - torch.pow(beta1, exponent)).to(g.dtype)
+        second_sqrt = (1 - torch.pow(beta2, exponent)).sqrt().to(g.dtype)
+        directions.append((m / first) / (v.sqrt() / second_sqrt + eps))
     return directions
 
 
