@@ -1,0 +1,319 @@
+"""DLRT's augmented local iterations (``schedule="augmented"``) and Adam's per-coordinate step counts
+(``new_coordinates="per-coordinate"``), checked against references: hand-written cycles, ``torch.optim``'s SGD
+and Adam on ``S`` with the bases fixed, the state-mapping formulas, and runs that must agree bit for bit."""
+
+import io
+from copy import deepcopy
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from lowrank.conv import DynamicalLowRankConv2d
+from lowrank.layers import Dense, DynamicalLowRank
+from lowrank.network import NeuralNetwork, effective_weight
+from lowrank.optim import DLRT, _change_basis, _pad_state, augmented_basis, dlrt_optimizer, truncate
+from lowrank.torch_compat import adam_directions_per_coordinate
+
+torch.set_num_threads(1)
+
+AUGMENTED = {"schedule": "augmented"}
+# (DLRT arguments, the torch.optim optimiser of S with the same rule)
+RULES = {
+    "sgd": ({"method": "sgd"}, lambda params, lr: torch.optim.SGD(params, lr=lr)),
+    "sgd-momentum-decay": ({"method": "sgd", "momentum": 0.9, "weight_decay": 0.01},
+                           lambda params, lr: torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=0.01)),
+    "adam": ({"method": "adam"}, lambda params, lr: torch.optim.Adam(params, lr=lr, foreach=False)),
+    "adam-decay": ({"method": "adam", "weight_decay": 0.01},
+                   lambda params, lr: torch.optim.Adam(params, lr=lr, weight_decay=0.01, foreach=False)),
+}
+
+
+def problem(samples=128, seed=0, dtype=torch.float64):
+    """Least squares ``X -> X W*`` with a rank-6 ``W*`` of shape (30, 20)."""
+    gen = torch.Generator().manual_seed(seed)
+    w_star = torch.randn(30, 6, generator=gen, dtype=dtype) @ torch.randn(6, 20, generator=gen, dtype=dtype)
+    x = torch.randn(samples, 30, generator=gen, dtype=dtype)
+    return x, x @ w_star / 30**0.5
+
+
+def make_layer(rank=3, seed=0, dtype=torch.float64, **kwargs):
+    """A (30, 20) layer drawn in ``dtype``, so that its bases are orthonormal to that precision."""
+    torch.manual_seed(seed)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        return DynamicalLowRank(30, 20, rank, bias=False, **kwargs)
+    finally:
+        torch.set_default_dtype(default)
+
+
+def closure_for(layer, opt, x, y, losses=None):
+    def closure():
+        opt.zero_grad()
+        loss = F.mse_loss(layer(x), y)
+        loss.backward()
+        if losses is not None:
+            losses.append(loss.item())
+        return loss
+
+    return closure
+
+
+def loss_gradient(w, x, y):
+    """``G = dL/dW`` at ``W`` by autograd on the dense matrix (independent of the layer's backward)."""
+    w = w.detach().clone().requires_grad_()
+    F.mse_loss(x @ w, y).backward()
+    return w.grad
+
+
+def padded(t, rows, cols):
+    out = t.new_zeros(rows, cols)
+    out[: t.shape[0], : t.shape[1]] = t
+    return out
+
+
+def factors(layer):
+    return [t.detach().clone() for t in (layer.U, layer.S, layer.V)]
+
+
+def assert_same_run(layer_a, opt_a, layer_b, opt_b):
+    """Bit-identical factors and optimiser state."""
+    for a, b in zip(factors(layer_a), factors(layer_b)):
+        assert torch.equal(a, b)
+    state_a, state_b = opt_a.state_dict(), opt_b.state_dict()
+    assert state_a["dlrt_steps"] == state_b["dlrt_steps"]
+    assert state_a["state"].keys() == state_b["state"].keys()
+    for key in state_a["state"]:
+        entries_a, entries_b = state_a["state"][key], state_b["state"][key]
+        assert entries_a.keys() == entries_b.keys()
+        for name in entries_a:
+            a, b = entries_a[name], entries_b[name]
+            assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b, name
+
+
+@pytest.mark.parametrize("integrator", ["kls", "single-pass"])
+@pytest.mark.parametrize("rule", ["sgd", "sgd-momentum-decay", "adam"])
+@pytest.mark.parametrize("new_coordinates", ["shared", "per-coordinate"])
+def test_with_k_1_the_augmented_schedule_is_today_s_step_bit_for_bit(integrator, rule, new_coordinates):
+    """k = 1: augmentation, S-step and truncation in one step, the same code path as the default schedule."""
+    x, y = problem(dtype=torch.float32)
+    runs = []
+    for schedule in ("fixed-bases", "augmented"):
+        layer = make_layer(rank=3, tau=0.05, dtype=torch.float32)
+        opt = DLRT([layer], lr=0.05, integrator=integrator, schedule=schedule, new_coordinates=new_coordinates,
+                   **RULES[rule][0])
+        for _ in range(9):  # crosses two orthonormality checks
+            opt.step(closure_for(layer, opt, x, y))
+        runs.append((layer, opt))
+    assert_same_run(*runs[0], *runs[1])
+
+
+@pytest.mark.parametrize("integrator", ["kls", "single-pass"])
+def test_a_cycle_augments_takes_k_s_steps_on_the_fixed_augmented_bases_and_truncates(integrator):
+    """Plain SGD, k = 4, against the cycle written out: U_hat = [U, orth((I - U U^T) G V)], likewise V_hat,
+    S_hat = [[S, 0], [0, 0]]; four steps S_hat <- S_hat - h U_hat^T G(U_hat S_hat V_hat^T) V_hat; truncation."""
+    x, y = problem()
+    layer = make_layer(rank=3, tau=0.1)
+    h, k, tolerance = 0.1, 4, 1e-12
+    u, s, v = factors(layer)
+    g = loss_gradient(u @ s @ v.T, x, y)
+    u_hat = torch.cat([u, augmented_basis(u, g @ v)], 1)
+    v_hat = torch.cat([v, augmented_basis(v, g.T @ u)], 1)
+    s_hat = padded(s, u_hat.shape[1], v_hat.shape[1])
+    opt = DLRT([layer], lr=h, integrator=integrator, basis_interval=k, **AUGMENTED)
+    for step in range(k):
+        s_hat = s_hat - h * u_hat.T @ loss_gradient(u_hat @ s_hat @ v_hat.T, x, y) @ v_hat
+        opt.step(closure_for(layer, opt, x, y))
+        if step < k - 1:  # the layer holds the augmented factors: the old bases first, unchanged
+            assert layer.U.shape == u_hat.shape and layer.V.shape == v_hat.shape
+            assert torch.equal(layer.U[:, :3], u) and torch.equal(layer.V[:, :3], v)
+            torch.testing.assert_close(layer.U.data, u_hat, rtol=0, atol=tolerance)
+            torch.testing.assert_close(layer.V.data, v_hat, rtol=0, atol=tolerance)
+            torch.testing.assert_close(layer.S.data, s_hat, rtol=0, atol=tolerance)
+    p, d, q = truncate(s_hat, layer.tau, layer.r_min, layer.r_max)
+    assert layer.rank == len(d) < u_hat.shape[1]
+    torch.testing.assert_close(effective_weight(layer), u_hat @ p @ torch.diag(d) @ q.T @ v_hat.T, rtol=0,
+                               atol=tolerance)
+
+
+def test_the_augmentation_leaves_w_unchanged():
+    """kls evaluates the loss again on the installed (U_hat, S_hat, V_hat): the same loss, and the first step
+    is the projected gradient step W - h P_U_hat G P_V_hat of W itself."""
+    x, y = problem()
+    layer = make_layer(rank=3, tau=0.1)
+    w, h = effective_weight(layer), 0.1
+    losses = []
+    opt = DLRT([layer], lr=h, integrator="kls", basis_interval=3, **AUGMENTED)
+    opt.step(closure_for(layer, opt, x, y, losses))
+    assert len(losses) == 2 and layer.rank > 3
+    assert losses[1] == pytest.approx(losses[0], rel=1e-14)
+    project_u, project_v = layer.U @ layer.U.T, layer.V @ layer.V.T
+    expected = w - h * project_u @ loss_gradient(w, x, y) @ project_v
+    torch.testing.assert_close(effective_weight(layer), expected, rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize("rule", list(RULES))
+def test_the_cycle_s_steps_are_torch_optim_on_s_with_the_bases_fixed(rule):
+    """After a first cycle (so that the state is not empty), the next cycle's k S-steps equal torch.optim's SGD /
+    Adam on S_hat = [[S, 0], [0, 0]] with the state padded alike and U_hat, V_hat fixed; at tau = 0 the
+    truncation keeps W, and maps the state by m <- P^T m Q, v <- (P^T)^2 v Q^2 (the K state by Q, the L state
+    by P), with P = U_hat^T U_new, Q = V_hat^T V_new."""
+    options, torch_optimizer = RULES[rule]
+    x, y = problem()
+    layer = make_layer(rank=3, tau=0.0)
+    h, k, tolerance = 0.02, 4, 1e-12
+    opt = DLRT([layer], lr=h, integrator="single-pass", basis_interval=k, **AUGMENTED, **options)
+    closure = closure_for(layer, opt, x, y)
+    for _ in range(k):
+        opt.step(closure)
+    u, s, v = factors(layer)
+    old_state = deepcopy(opt.state[layer.S])
+    opt.step(closure)  # step 1 of the second cycle: augmentation and S-step
+    u_hat, v_hat = layer.U.detach().clone(), layer.V.detach().clone()
+    k_state, l_state = deepcopy(opt.state[layer.U]), deepcopy(opt.state[layer.V])
+    r = u.shape[1]
+    assert torch.equal(u_hat[:, :r], u) and torch.equal(v_hat[:, :r], v)
+    rows, cols = u_hat.shape[1], v_hat.shape[1]
+    reference = padded(s, rows, cols).requires_grad_()
+    reference_opt = torch_optimizer([reference], h)
+    reference_state = {key: padded(old_state[key], rows, cols)
+                       for key in ("momentum_buffer", "exp_avg", "exp_avg_sq") if key in old_state}
+    if "step" in old_state:
+        reference_state["step"] = torch.tensor(float(old_state["step"]), dtype=torch.float64)
+    reference_opt.state[reference] = reference_state
+
+    def reference_step():
+        reference_opt.zero_grad()
+        F.mse_loss(x @ u_hat @ reference @ v_hat.T, y).backward()
+        reference_opt.step()
+
+    reference_step()
+    torch.testing.assert_close(layer.S.data, reference.detach(), rtol=0, atol=tolerance)
+    for _ in range(k - 2):
+        opt.step(closure)
+        reference_step()
+        assert torch.equal(layer.U.data, u_hat) and torch.equal(layer.V.data, v_hat)
+        torch.testing.assert_close(layer.S.data, reference.detach(), rtol=0, atol=tolerance)
+    opt.step(closure)  # the k-th S-step, then the truncation
+    reference_step()
+    s_hat = reference.detach()
+    torch.testing.assert_close(effective_weight(layer), u_hat @ s_hat @ v_hat.T, rtol=0, atol=tolerance)
+    p, q = u_hat.T @ layer.U, v_hat.T @ layer.V
+    expected = reference_opt.state[reference]
+    for key, power in (("momentum_buffer", 1), ("exp_avg", 1), ("exp_avg_sq", 2)):
+        if key in old_state:
+            torch.testing.assert_close(opt.state[layer.S][key], p.T**power @ expected[key] @ q**power, rtol=0,
+                                       atol=tolerance)
+    for before, after, change in ((k_state, opt.state[layer.U], q), (l_state, opt.state[layer.V], p)):
+        for key, power in (("momentum_buffer", 1), ("exp_avg", 1), ("exp_avg_sq", 2)):
+            if key in before:
+                torch.testing.assert_close(after[key], before[key] @ change**power, rtol=0, atol=tolerance)
+
+
+def signed_permutation(n, seed):
+    gen = torch.Generator().manual_seed(seed)
+    signs = torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0).double()
+    return torch.eye(n, dtype=torch.float64)[torch.randperm(n, generator=gen)] * signs
+
+
+def test_on_a_signed_permutation_the_mapped_state_is_the_permuted_state_and_adam_commutes():
+    """m <- P^T m Q, v <- (P^T)^2 v Q^2, t <- (P^T)^2 t Q^2 for signed permutations P, Q is, bit for bit, the
+    state of Adam run in the permuted coordinates, and its step is the permuted step to rounding (torch's
+    vectorised pow and its scalar tail may round beta^t differently by an ulp, which 1 - beta2^t, as in
+    torch.optim.Adam, turns into up to ~1e-13 relative at small t). The augmentation's padding is the same map
+    with [I; 0], and gives new coordinates zero state."""
+    gen = torch.Generator().manual_seed(0)
+    m, g = torch.randn(5, 4, generator=gen, dtype=torch.float64), torch.randn(5, 4, generator=gen, dtype=torch.float64)
+    v = torch.rand(5, 4, generator=gen, dtype=torch.float64)
+    t = torch.randint(1, 50, (5, 4), generator=gen).double()
+    p, q = signed_permutation(5, 1), signed_permutation(4, 2)
+    state = {"exp_avg": m.clone(), "exp_avg_sq": v.clone(), "coordinate_steps": t.clone()}
+    _change_basis(state, p.T, q)
+    rows, cols = p.abs().argmax(0), q.abs().argmax(0)  # new coordinate (i, j) is old (rows[i], cols[j]), with a sign
+    sign = (p.sum(0)[:, None] * q.sum(0)[None, :])
+    assert torch.equal(state["exp_avg"], sign * m[rows][:, cols])
+    assert torch.equal(state["exp_avg_sq"], v[rows][:, cols])
+    assert torch.equal(state["coordinate_steps"], t[rows][:, cols])
+    step = adam_directions_per_coordinate([g], [m], [v], [t + 1], 0.9, 0.999, 1e-8)[0]
+    mapped_step = adam_directions_per_coordinate([p.T @ g @ q], [state["exp_avg"]], [state["exp_avg_sq"]],
+                                                 [state["coordinate_steps"] + 1], 0.9, 0.999, 1e-8)[0]
+    torch.testing.assert_close(mapped_step, p.T @ step @ q, rtol=1e-13, atol=0)
+
+    _pad_state(state, 7, 6)
+    for key in ("exp_avg", "exp_avg_sq", "coordinate_steps"):
+        assert state[key].shape == (7, 6) and not state[key][5:].any() and not state[key][:, 4:].any()
+
+
+def test_the_truncation_maps_step_counts_to_weighted_means_of_the_old_ones():
+    """Orthonormal columns of P and Q: each mapped count is a mean of the old counts with weights P_ki^2 Q_lj^2
+    that sum to one; equal counts stay equal."""
+    gen = torch.Generator().manual_seed(3)
+    p = torch.linalg.qr(torch.randn(8, 5, generator=gen, dtype=torch.float64)).Q
+    q = torch.linalg.qr(torch.randn(7, 4, generator=gen, dtype=torch.float64)).Q
+    t = torch.randint(0, 100, (8, 7), generator=gen).double()
+    state = {"coordinate_steps": t}
+    _change_basis(state, p.T, q)
+    weights = (p.T**2)[:, None, :, None] * (q**2).T[None, :, None, :]  # (5, 4, 8, 7)
+    torch.testing.assert_close(weights.sum((2, 3)), torch.ones(5, 4, dtype=torch.float64), rtol=0, atol=1e-14)
+    torch.testing.assert_close(state["coordinate_steps"], (weights * t).sum((2, 3)), rtol=1e-14, atol=0)
+    assert t.min() <= state["coordinate_steps"].min() and state["coordinate_steps"].max() <= t.max()
+    uniform = {"coordinate_steps": torch.full((8, 7), 30.0, dtype=torch.float64)}
+    _change_basis(uniform, p.T, q)
+    torch.testing.assert_close(uniform["coordinate_steps"], torch.full((5, 4), 30.0, dtype=torch.float64),
+                               rtol=1e-14, atol=0)
+
+
+def resumable_runs():
+    """(name, builder of (module, data), DLRT arguments) for the mid-cycle resumption test."""
+
+    def linear(seed, rank):
+        torch.manual_seed(seed)
+        return DynamicalLowRank(30, 20, rank, bias=True, tau=0.05)
+
+    def conv(seed, rank):
+        torch.manual_seed(seed)
+        return DynamicalLowRankConv2d(3, 8, 3, rank, padding=1, tau=0.05)
+
+    gen = torch.Generator().manual_seed(7)
+    linear_data = (torch.randn(64, 30, generator=gen), torch.randn(64, 20, generator=gen))
+    conv_data = (torch.randn(4, 3, 6, 6, generator=gen), torch.randn(4, 8, 6, 6, generator=gen))
+    return [
+        ("linear-adam-per-coordinate", linear, linear_data,
+         {"method": "adam", "integrator": "single-pass", "new_coordinates": "per-coordinate"}),
+        ("linear-adam-kls", linear, linear_data, {"method": "adam", "integrator": "kls", "weight_decay": 0.01}),
+        ("linear-momentum", linear, linear_data, {"method": "sgd", "momentum": 0.9, "integrator": "single-pass"}),
+        ("conv-adam", conv, conv_data, {"method": "adam", "integrator": "single-pass"}),
+        ("conv-adam-per-coordinate-kls", conv, conv_data,
+         {"method": "adam", "integrator": "kls", "new_coordinates": "per-coordinate"}),
+    ]
+
+
+@pytest.mark.parametrize("name, build, data, options", resumable_runs(), ids=[run[0] for run in resumable_runs()])
+def test_a_state_dict_saved_mid_cycle_continues_the_same_trajectory_bit_for_bit(name, build, data, options):
+    """Saved at step 2 of the second cycle (the layer holds the augmented factors), through torch.save, into a
+    layer of another rank and a new optimiser: the next 7 steps (a truncation, another cycle) are identical."""
+    x, y = data
+    k = 4
+    layer = build(0, 4)
+    opt = DLRT([layer], lr=0.02, basis_interval=k, **AUGMENTED, **options)
+    closure = closure_for(layer, opt, x, y)
+    for _ in range(k):
+        opt.step(closure)
+    truncated_rank = layer.rank
+    for _ in range(2):
+        opt.step(closure)
+    assert layer.rank > truncated_rank and layer.S.shape == (layer.U.shape[1], layer.V.shape[1])
+    buffer = io.BytesIO()
+    torch.save({"model": layer.state_dict(), "optimizer": opt.state_dict()}, buffer)
+    for _ in range(7):
+        opt.step(closure)
+    buffer.seek(0)
+    saved = torch.load(buffer)
+    resumed = build(1, 2)
+    resumed.load_state_dict(saved["model"])
+    resumed_opt = DLRT([resumed], lr=0.02, basis_interval=k, **AUGMENTED, **options)
+    resumed_opt.load_state_dict(saved["optimizer"])
+    for _ in range(7):
+        resumed_opt.step(closure_for(resumed, resumed_opt, x, y))
+    assert_same_run(layer, opt, resumed, resumed_opt)
