@@ -317,3 +317,155 @@ def test_a_state_dict_saved_mid_cycle_continues_the_same_trajectory_bit_for_bit(
     for _ in range(7):
         resumed_opt.step(closure_for(resumed, resumed_opt, x, y))
     assert_same_run(layer, opt, resumed, resumed_opt)
+
+
+@pytest.mark.parametrize("new_coordinates", ["shared", "per-coordinate"])
+def test_a_coordinate_added_by_the_augmentation_takes_an_adam_step_of_h_with_per_coordinate_counts(new_coordinates):
+    """At the augmentation after 200 steps, every coordinate of S takes torch.optim.Adam's step for a parameter of
+    its own: an old one with its moments and its count (per-coordinate) or the count of S (shared), a new one
+    with zero moments and count 0 (a fresh parameter) or the count of S. So a new coordinate moves by
+    h g / (|g| + eps) = h with per-coordinate counts, and by
+    h (1 - beta1) / (1 - beta1^t) / sqrt((1 - beta2) / (1 - beta2^t)) = 1.35 h at t = 201 with the shared one."""
+    x, y = problem()
+    layer = make_layer(rank=3, tau=0.1)
+    h, k = 0.01, 5
+    opt = DLRT([layer], lr=h, method="adam", integrator="single-pass", basis_interval=k,
+               new_coordinates=new_coordinates, **AUGMENTED)
+    closure = closure_for(layer, opt, x, y)
+    for _ in range(40 * k):
+        opt.step(closure)
+    u, s, v = factors(layer)
+    old = deepcopy(opt.state[layer.S])
+    opt.step(closure)  # augmentation and the first S-step of the new coordinates
+    u_hat, v_hat = layer.U.detach(), layer.V.detach()
+    rows, cols, r = u_hat.shape[1], v_hat.shape[1], u.shape[1]
+    new = torch.ones(rows, cols, dtype=torch.bool)
+    new[:r, :r] = False
+    assert new.any()
+    g = u_hat.T @ loss_gradient(u @ s @ v.T, x, y) @ v_hat
+    s_hat = padded(s, rows, cols)
+    params = [s_hat[i, j].clone().requires_grad_() for i in range(rows) for j in range(cols)]
+    reference = torch.optim.Adam(params, lr=h, foreach=False)
+    for index, param in enumerate(params):
+        i, j = divmod(index, cols)
+        param.grad = g[i, j].clone()
+        zero = torch.zeros((), dtype=torch.float64)
+        if not new[i, j]:
+            count = old["coordinate_steps"][i, j] if new_coordinates == "per-coordinate" else old["step"]
+            reference.state[param] = {"step": torch.tensor(float(count), dtype=torch.float64),
+                                      "exp_avg": old["exp_avg"][i, j].clone(),
+                                      "exp_avg_sq": old["exp_avg_sq"][i, j].clone()}
+        elif new_coordinates == "shared":
+            reference.state[param] = {"step": torch.tensor(float(old["step"]), dtype=torch.float64), "exp_avg": zero,
+                                      "exp_avg_sq": zero.clone()}
+    reference.step()
+    torch.testing.assert_close(layer.S.data, torch.stack(params).detach().reshape(rows, cols), rtol=0, atol=1e-12)
+    # The first step of a new coordinate, in units of h: a |g| / (b |g| + eps) for a count t.
+    t = 1 if new_coordinates == "per-coordinate" else old["step"] + 1
+    a, b = (1 - 0.9) / (1 - 0.9**t), ((1 - 0.999) / (1 - 0.999**t)) ** 0.5
+    gradient = g[new].abs()
+    torch.testing.assert_close(((layer.S.data - s_hat) / h)[new].abs(), a * gradient / (b * gradient + 1e-8),
+                               rtol=1e-9, atol=1e-12)
+    if new_coordinates == "per-coordinate":
+        assert a == b == 1  # a step of h (|g| >> eps)
+    else:
+        assert t == 201 and a / b == pytest.approx(1.35, abs=0.01)
+    assert (gradient > 1e-4).any()
+
+
+def network(tau, dtype=torch.float64):
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        return NeuralNetwork([DynamicalLowRank(40, 32, 8, tau=tau), DynamicalLowRank(32, 16, 8, tau=tau), Dense(16, 5)],
+                             ["relu", "relu", "identity"])
+    finally:
+        torch.set_default_dtype(default)
+
+
+def rotated(model, seed):
+    """The same network with each dynamical layer's factors rotated: ``U Q1, Q1^T S Q2, V Q2`` (the same W)."""
+    copy = deepcopy(model)
+    gen = torch.Generator().manual_seed(seed)
+    for layer in copy.dynamical_layers():
+        q1, q2 = (torch.linalg.qr(torch.randn(layer.rank, layer.rank, generator=gen, dtype=torch.float64)).Q
+                  for _ in range(2))
+        layer.set_factors(layer.U.data @ q1, q1.T @ layer.S.data @ q2, layer.V.data @ q2)
+    return copy
+
+
+@pytest.mark.parametrize("tau, batch", [(0.1, 64), (0.0, 64), (0.1, 12)], ids=["tau=0.1", "tau=0", "batch<2r"])
+@pytest.mark.parametrize("rule", ["sgd", "sgd-momentum-decay"])
+def test_a_cycle_depends_on_w_and_the_data_not_on_the_factorisation(tau, batch, rule):
+    """Two factorisations of the same W (U Q1, Q1^T S Q2, V Q2) take the same steps over two whole cycles and the
+    augmentation of a third (k = 3, 7 steps): the augmented spans, the S-steps on them and the truncation depend
+    on W and the data only. SGD, with or without momentum and weight decay (linear in the gradients, so its
+    state is the same tensor in rotated coordinates); Adam's element-wise normalisation is not rotation
+    invariant. In float64 the runs differ by rounding, amplified at a truncation by at most 1 / CLUSTER_RTOL:
+    the bound 1e-10 is test_optim's float64 bound for the classic step."""
+    x = torch.rand(batch, 40, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    labels = torch.randint(0, 5, (batch,), generator=torch.Generator().manual_seed(2))
+    model = network(tau)
+    twin = rotated(model, seed=3)
+    weights = []
+    for net in (model, twin):
+        opt = dlrt_optimizer(net, lr=0.1, integrator="single-pass", basis_interval=3, **AUGMENTED, **RULES[rule][0])
+
+        def closure():
+            opt.zero_grad()
+            loss = F.cross_entropy(net(x), labels)
+            loss.backward()
+            return loss
+
+        ranks = []
+        for _ in range(7):
+            opt.step(closure)
+            ranks.append(net.ranks())
+        weights.append(([effective_weight(layer) for layer in net.layers], ranks))
+    (expected, expected_ranks), (got, got_ranks) = weights
+    assert got_ranks == expected_ranks
+    for w_expected, w_got in zip(expected, got):
+        assert torch.linalg.matrix_norm(w_got - w_expected) <= 1e-10 * torch.linalg.matrix_norm(w_expected)
+
+
+def test_on_a_convolution_the_single_pass_cycle_is_the_kls_cycle():
+    """The convolution's single-pass S-gradient on the augmented bases (from the unfolded patches) and its
+    autograd S.grad between augmentation and truncation give kls's cycle (float64)."""
+    gen = torch.Generator().manual_seed(4)
+    x, y = torch.randn(4, 3, 6, 6, generator=gen, dtype=torch.float64), torch.randn(4, 8, 6, 6, generator=gen,
+                                                                                      dtype=torch.float64)
+    layers = []
+    for integrator in ("kls", "single-pass"):
+        torch.manual_seed(0)
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float64)
+        try:
+            conv = DynamicalLowRankConv2d(3, 8, 3, 3, padding=1, tau=0.05)
+        finally:
+            torch.set_default_dtype(default)
+        opt = DLRT([conv], lr=0.02, method="adam", integrator=integrator, basis_interval=3, **AUGMENTED)
+        for _ in range(7):
+            opt.step(closure_for(conv, opt, x, y))
+        layers.append(conv)
+    assert layers[0].rank == layers[1].rank > 3  # mid-cycle: the augmented factors
+    torch.testing.assert_close(layers[1].weight_matrix(), layers[0].weight_matrix(), rtol=0, atol=1e-12)
+
+
+def test_fixed_rank_layers_take_the_same_steps_under_both_schedules():
+    x, y = problem(dtype=torch.float32)
+    runs = []
+    for schedule in ("fixed-bases", "augmented"):
+        layer = make_layer(rank=4, adaptive=False, dtype=torch.float32)
+        opt = DLRT([layer], lr=0.02, method="adam", integrator="single-pass", basis_interval=3, schedule=schedule)
+        for _ in range(8):
+            opt.step(closure_for(layer, opt, x, y))
+        runs.append((layer, opt))
+    assert_same_run(*runs[0], *runs[1])
+
+
+@pytest.mark.parametrize("kwargs, message", [({"schedule": "every-step"}, "schedule"),
+                                             ({"new_coordinates": "fresh"}, "new_coordinates")])
+def test_unknown_schedules_and_step_count_rules_are_rejected(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        DLRT([make_layer()], **kwargs)

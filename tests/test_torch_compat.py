@@ -45,3 +45,21 @@ def test_the_directions_are_adam_s_bias_corrected_ratio():
     v_expected = 0.999 * moments[0][1] + 0.001 * grads[0] ** 2
     torch.testing.assert_close(m, m_expected)
     torch.testing.assert_close(direction, (m_expected / 0.1) / ((v_expected / 0.001).sqrt() + 1e-8))
+
+
+def test_per_coordinate_counts_that_agree_give_the_fused_kernel_s_directions_and_moments():
+    """adam_directions_per_coordinate with every coordinate's count equal to the tensor's count is Adam; the fused
+    kernel takes one scalar count per tensor, so it cannot do unequal counts."""
+    grads, moments, steps = inputs()
+    fused_m, fused_v = [m.clone() for m, _ in moments], [v.clone() for _, v in moments]
+    expected = torch_compat.adam_directions(grads, fused_m, fused_v, steps, 0.9, 0.999, 1e-8)
+    exp_avgs, exp_avg_sqs = [m.clone() for m, _ in moments], [v.clone() for _, v in moments]
+    counts = [torch.full(g.shape, float(t), dtype=torch.float64) for g, t in zip(grads, steps)]
+    got = torch_compat.adam_directions_per_coordinate(grads, exp_avgs, exp_avg_sqs, counts, 0.9, 0.999, 1e-8)
+    for a, b in zip(expected + fused_m + fused_v, got + exp_avgs + exp_avg_sqs):
+        torch.testing.assert_close(b, a, rtol=1e-13, atol=0)
+    if hasattr(torch, "_fused_adam_"):
+        with pytest.raises(RuntimeError, match="cannot be converted to Scalar"):
+            torch._fused_adam_([torch.zeros_like(grads[1])], [grads[1]], [moments[1][0].clone()],
+                               [moments[1][1].clone()], [], [counts[1]], lr=-1.0, beta1=0.9, beta2=0.999,
+                               weight_decay=0.0, eps=1e-8, amsgrad=False, maximize=False)
