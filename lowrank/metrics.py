@@ -45,6 +45,7 @@ tends to 0 as the features of each class collapse to their mean. ``Sigma_B = M M
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -106,20 +107,115 @@ def _bias(layer: nn.Module) -> int:
     return layer.out_features if layer.bias is not None else 0
 
 
-def dense_parameter_count(model: nn.Module) -> int:
-    """Parameters of the dense twin of ``model``: ``sum_l n_in n_out + n_out`` over its layers.
+def factorised_layers(model: nn.Module) -> list[nn.Module]:
+    """The :class:`LowRank` and :class:`DynamicalLowRank` layers of ``model`` (convolutions too), in module order."""
+    return [m for m in model.modules() if isinstance(m, (LowRank, DynamicalLowRank))]
 
-    Each layer is replaced by a dense one of the same dims; the bias term counts where the layer has one.
-    """
-    return sum(layer.in_features * layer.out_features + _bias(layer) for layer in affine_layers(model))
+
+def _dense_size(layer: nn.Module) -> int:
+    """``n_in n_out (+ n_out)``: the parameters of a dense layer of ``layer``'s shape."""
+    return layer.in_features * layer.out_features + _bias(layer)
+
+
+def dense_parameter_count(model: nn.Module) -> int:
+    """Parameters of the dense twin of any ``model``: each low-rank layer (:func:`factorised_layers`) counted as the
+    dense layer of its shape, ``n_in n_out (+ n_out)`` (the bias where it has one), every other trainable parameter
+    (dense layers, normalisation, ...) as it is."""
+    return parameter_count(model) + sum(_dense_size(layer) - parameter_count(layer) for layer in factorised_layers(model))
 
 
 def compression(model: nn.Module) -> float:
-    """``1 - params(model) / params(dense twin)``: 0 for a dense net, close to 1 for small ranks.
+    """``1 - params(model) / params(dense twin)`` (:func:`dense_parameter_count`) for any model: 0 for a dense net,
+    close to 1 for small ranks.
 
     Negative when the factors hold more scalars than ``W`` (large ranks).
     """
     return 1.0 - parameter_count(model) / dense_parameter_count(model)
+
+
+def ranks(model: nn.Module) -> dict[str, int]:
+    """The current rank of every low-rank layer of any ``model`` (:func:`factorised_layers`), by qualified name
+    (``""`` for a model that is itself such a layer)."""
+    return {name: m.rank for name, m in model.named_modules() if isinstance(m, (LowRank, DynamicalLowRank))}
+
+
+@dataclass(frozen=True)
+class LayerSummary:
+    """One layer ``z = x W + b`` in a :class:`ModelSummary`: ``shape`` is ``(n_in, n_out)`` of ``W`` (``(c_in k_h k_w,
+    c_out)`` for a convolution), ``rank`` its current rank (``min(n_in, n_out)`` for a dense layer),
+    ``parameters`` its trainable scalars, ``dense_parameters`` those of its dense twin."""
+
+    name: str
+    kind: str
+    shape: tuple[int, int]
+    rank: int
+    parameters: int
+    dense_parameters: int
+
+    @property
+    def share(self) -> float:
+        """``parameters / dense_parameters`` (``nan`` for a frozen dense layer, which counts 0 of 0)."""
+        return self.parameters / self.dense_parameters if self.dense_parameters else math.nan
+
+
+@dataclass(frozen=True)
+class ModelSummary:
+    """What :func:`summary` reports: one :class:`LayerSummary` per linear or convolution layer, and the trainable
+    parameters outside them (``other_parameters``: normalisation, embeddings, ...). ``str()`` is a table."""
+
+    layers: tuple[LayerSummary, ...]
+    other_parameters: int
+
+    @property
+    def parameters(self) -> int:
+        """Trainable parameters of the model (:func:`parameter_count`)."""
+        return sum(layer.parameters for layer in self.layers) + self.other_parameters
+
+    @property
+    def dense_parameters(self) -> int:
+        """Parameters of its dense twin (:func:`dense_parameter_count`)."""
+        return sum(layer.dense_parameters for layer in self.layers) + self.other_parameters
+
+    @property
+    def compression(self) -> float:
+        """``1 - parameters / dense_parameters`` (:func:`compression`)."""
+        return 1.0 - self.parameters / self.dense_parameters
+
+    def __str__(self) -> str:
+        rows = [("layer", "type", "W (n_in x n_out)", "rank", "parameters", "of dense")]
+        rows += [(layer.name or "(model)", layer.kind, f"{layer.shape[0]} x {layer.shape[1]}", str(layer.rank),
+                  f"{layer.parameters:,}", f"{layer.share:.1%}") for layer in self.layers]
+        rows += [("other", "", "", "", f"{self.other_parameters:,}", ""),
+                 ("total", "", "", "", f"{self.parameters:,}", f"{self.parameters / self.dense_parameters:.1%}")]
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        lines = ["  ".join(cell.rjust(w) if i >= 3 else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+                 .rstrip() for row in rows]
+        return "\n".join(lines + [f"dense twin: {self.dense_parameters:,} parameters; compression "
+                                   f"{self.compression:.1%}"])
+
+    __repr__ = __str__
+
+
+def summary(model: nn.Module) -> ModelSummary:
+    """Every linear and convolution layer of any ``model`` (the library's layers and ``torch.nn.Linear`` /
+    ``torch.nn.Conv2d``), in module order: name, type, shape of ``W``, rank, trainable parameters and their share of
+    the dense layer's; and the totals against the dense twin. In the spirit of peft's
+    ``print_trainable_parameters``, but returned: ``print(lowrank.summary(model))`` shows the table.
+
+    Each low-rank layer's dense twin has ``n_in n_out (+ n_out)`` parameters; a dense layer is its own twin.
+    """
+    layers = []
+    for name, m in model.named_modules():
+        if isinstance(m, (LowRank, DynamicalLowRank)):
+            shape, rank, dense = (m.in_features, m.out_features), m.rank, _dense_size(m)
+        elif isinstance(m, (Dense, nn.Linear, nn.Conv2d)):
+            shape = (m.in_features, m.out_features) if hasattr(m, "in_features") else (m.weight[0].numel(),
+                                                                                         m.weight.shape[0])
+            rank, dense = min(shape), parameter_count(m)
+        else:
+            continue
+        layers.append(LayerSummary(name, type(m).__name__, shape, rank, parameter_count(m), dense))
+    return ModelSummary(tuple(layers), parameter_count(model) - sum(layer.parameters for layer in layers))
 
 
 def layer_flops(layer: nn.Module) -> int:
