@@ -157,7 +157,8 @@ class DenseConv2d(nn.Conv2d):
 
 
 class LowRankConv2d(_ConvGeometry, LowRank):
-    """A convolution whose kernel matrix is ``W = U S V^T`` (or ``U V^T``) of fixed rank (module docstring).
+    """A convolution whose kernel matrix is ``W = U S V^T`` (or ``U V^T``) of fixed rank, computed
+    as a ``k_h x k_w`` convolution to ``r`` channels and two ``1 x 1`` ones (``help(lowrank.conv)``).
 
     Args:
         in_channels, out_channels, kernel_size, stride, padding, dilation, bias: as in ``torch.nn.Conv2d``
@@ -229,7 +230,8 @@ class _LowRankConv(torch.autograd.Function):
 class DynamicalLowRankConv2d(_ConvGeometry, DynamicalLowRank):
     """A convolution whose kernel matrix ``W = U S V^T`` is trained by :class:`lowrank.optim.DLRT`: orthonormal
     ``U``, ``V`` updated by the K- and L-steps, ``S`` by the S-step, the rank adapted by truncation at ``tau``
-    (module docstring; :class:`lowrank.layers.DynamicalLowRank` for the rank arguments and the defaults).
+    (computed as :class:`LowRankConv2d`, backward in ``help(lowrank.conv)``; :class:`lowrank.layers.DynamicalLowRank`
+    for the rank arguments and the defaults).
 
     Args:
         in_channels, out_channels, kernel_size, stride, padding, dilation, bias: as in ``torch.nn.Conv2d``

@@ -415,7 +415,7 @@ class LowRank(_Factorised):
         in_features, out_features, bias: as in :class:`Dense`.
         rank: ``r``, ``1 <= r <= min(n_in, n_out)``.
         factorization: ``"usv"`` (``W = U S V^T``) or ``"uv"`` (``W = U V^T``, no ``S``).
-        init: one of :data:`INITS` (module docstring).
+        init: one of :data:`INITS`, each described in ``help(lowrank.layers)``.
         init_scale: ``c > 0``, the initial ``W`` is ``c`` times the draw.
 
     Shapes: ``U`` ``(n_in, r)``, ``S`` ``(r, r)``, ``V`` ``(n_out, r)``. Parameters
@@ -503,7 +503,7 @@ class DynamicalLowRank(_Factorised):
         r_min: smallest rank after truncation, ``>= 1``.
         tau: relative truncation tolerance, ``0 <= tau < 1``.
         adaptive: rank-adaptive (augment and truncate) or fixed rank.
-        init: one of :data:`INITS` (module docstring).
+        init: one of :data:`INITS`, each described in ``help(lowrank.layers)``.
         init_scale: ``c > 0``, the initial ``W`` is ``c`` times the draw; default (``None``)
             :data:`DYNAMICAL_INIT_SCALE` for ``"kaiming"``, which leaves the spectrum to training (module
             docstring), 1 for the other inits.

@@ -51,8 +51,8 @@ def build_layer(spec) -> nn.Module:
 
 
 class NeuralNetwork(nn.Module):
-    """A network ``x -> sigma_L(... sigma_1(x W_1 + b_1) ...)`` of linear layers, after convolutions if any
-    (module docstring).
+    """A network ``x -> sigma_L(... sigma_1(x W_1 + b_1) ...)`` of linear layers, after convolutions if any, each
+    convolution's activation max-pooled over ``p x p`` windows (``help(lowrank.network)``).
 
     Args:
         layers: the layers, each mapping ``n_{l-1}`` to ``n_l`` features (or channels).
