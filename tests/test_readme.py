@@ -1,6 +1,7 @@
 """The README's examples work, and CI runs the README's test command."""
 
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -25,15 +26,22 @@ def test_python_example_trains_a_dynamical_network():
     assert model.ranks()[:2] != [256, 256] and all(1 <= r <= 256 for r in model.ranks()[:2])
 
 
-def test_convert_example_makes_a_resnet_dynamical_but_its_classifier():
+def test_convert_example_makes_a_resnet_dynamical_but_its_classifier_and_compresses_it(capsys):
+    import lowrank
     from lowrank import DynamicalLowRankConv2d
 
     _, example = fenced("python")
     namespace = {}
-    exec(example, namespace)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "more parameters than the model given"
+        exec(example, namespace)
     model, optimizer = namespace["model"], namespace["optimizer"]
     assert sum(isinstance(m, DynamicalLowRankConv2d) for m in model.modules()) == 20
     assert isinstance(model.fc, torch.nn.Linear) and optimizer.dlrt is not None
+    summary = lowrank.summary(model)
+    assert capsys.readouterr().out.strip() == str(summary)
+    share = f"{summary.parameters / summary.dense_parameters:.1%}"
+    assert f"{share} of dense in all" in example and share == "29.2%"
 
 
 def test_toml_example_is_a_valid_config():
