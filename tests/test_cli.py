@@ -9,6 +9,12 @@ import pytest
 
 from lowrank.engine import data
 
+
+def torch_cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
 TINY = """
 [settings]
 num_epochs = 3
@@ -101,3 +107,53 @@ def test_benchmark_passes_every_option_to_the_benchmark_and_the_parser_needs_no_
     check = "import sys; from lowrank.engine.cli import build_parser; build_parser(); print('torch' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=60)
     assert done.stdout.strip() == "False", done.stderr
+
+
+def _refused(done: subprocess.CompletedProcess, *parts: str) -> None:
+    """Bad input: exit status 2, one error line with ``parts``, no traceback."""
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    for part in parts:
+        assert part in done.stderr, done.stderr
+
+
+@pytest.mark.skipif(torch_cuda_available(), reason="this machine has a CUDA device")
+def test_device_cuda_without_a_gpu_says_what_to_use(tmp_path):
+    (tmp_path / "tiny.toml").write_text(TINY)
+    done = run_cli("train", str(tmp_path / "tiny.toml"), "--device", "cuda", "--out", str(tmp_path))
+    _refused(done, 'tiny.toml: model "tiny": settings.device = "cuda" (or --device)',
+             "finds no CUDA device here", "use device cpu, or \"auto\"")
+
+
+def test_a_subset_larger_than_the_training_split_names_the_option(tmp_path):
+    (tmp_path / "tiny.toml").write_text(TINY)
+    done = run_cli("train", str(tmp_path / "tiny.toml"), "--subset", "50000000", "--out", str(tmp_path))
+    _refused(done, "tiny.toml with --subset 50000000:", "settings.subset = 50000000 is larger than the training split",
+             "allowed: 1..50000")
+    (tmp_path / "big.toml").write_text(TINY.replace("batch_size = 100", "batch_size = 100\nsubset = 60000"))
+    _refused(run_cli("train", str(tmp_path / "big.toml"), "--out", str(tmp_path)),
+             "big.toml: settings.subset = 60000 is larger", "allowed: 1..50000")
+
+
+def test_a_duplicated_toml_key_names_the_file_and_the_line(tmp_path):
+    (tmp_path / "twice.toml").write_text(TINY.replace("rank = 4", "rank = 4\nrank = 8"))
+    done = run_cli("train", str(tmp_path / "twice.toml"), "--out", str(tmp_path))
+    _refused(done, "twice.toml: line 12 (rank = 8): invalid TOML", "a key is set twice in one table",
+             "[[layer]] or [[model]] table")
+
+
+def test_a_thread_count_below_one_is_an_argument_error(tmp_path):
+    done = run_cli("train", "any.toml", "--threads", "0")
+    _refused(done, "argument --threads: 0 is not an integer >= 1")
+
+
+def test_cuda_is_refused_where_torch_finds_none_and_auto_falls_back_to_the_cpu(monkeypatch):
+    import torch
+
+    from lowrank.engine import determinism
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert determinism.resolve_device("auto") == torch.device("cpu")
+    assert determinism.resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(determinism.DeviceUnavailableError, match=r"is_available\(\) is False\); use device cpu"):
+        determinism.resolve_device("cuda")

@@ -2,6 +2,7 @@
 each checking that the message names the file, the key path and what is allowed."""
 
 import dataclasses
+import re
 import textwrap
 
 import pytest
@@ -694,3 +695,46 @@ def test_a_convolution_cannot_follow_a_linear_layer():
     text = LENET.replace('dims = [1, 20]\nkernel_size = 5\npool = 2\nr_max = 10', 'dims = [784, 20]\nr_max = 10', 1)
     with pytest.raises(ConfigError, match=r"layer\[1\] is a convolution after a linear layer"):
         load_text(text)
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 26: the parser's errors and the subset, named with the file, the line or key, and what to do
+
+@pytest.mark.parametrize("text, line, what", [
+    ("[settings]\nnum_epochs = 1\nnum_epochs = 2\n", "line 3 (num_epochs = 2)", "a key is set twice in one table"),
+    (DENSE_FIRST + 'dims = [784, 256]\n' + DENSE_OUT, "line 4 (dims = [784, 256])", "a key is set twice"),
+    ("[settings]\nseed = 1\n[settings]\nseed = 2\n", "line 3 ([settings])", "a table is declared twice"),
+    ('[[layer]]\ntype = "dense"\n[layer]\ndims = [784, 10]\n', "line 3 ([layer])", "[[layer]] or [[model]] tables"),
+])
+def test_a_duplicated_key_or_table_names_the_file_the_line_and_what_to_do(text, line, what):
+    message = error_of(text)
+    assert_names(message, f"{FILE}: {line}: invalid TOML", what, "allowed:", "two brackets")
+
+
+def test_a_toml_syntax_error_names_the_line_and_the_syntax():
+    message = error_of("[settings]\nlearning_rate = = 1\n")
+    assert_names(message, "line 2 (learning_rate = = 1): invalid TOML: Invalid value", "allowed: TOML")
+
+
+def test_read_toml_names_the_file_and_line_of_an_experiment_file(tmp_path):
+    path = tmp_path / "fig.toml"
+    path.write_text("[grid]\nwidths = [1]\nwidths = [2]\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: line 3 \(widths = \[2\]\): invalid TOML"):
+        config.read_toml(path)
+
+
+def test_a_subset_larger_than_the_training_split_is_refused_when_the_config_is_validated():
+    message = error_of(single(DENSE_FIRST + DENSE_OUT, "subset = 60000"))
+    assert_names(message, 'settings.subset = 60000 is larger than the training split of dataset = "mnist" (50000 '
+                          "images", "allowed: 1..50000")
+    assert config.loads(single(DENSE_FIRST + DENSE_OUT, "subset = 50000"), FILE).models[0].settings.subset == 50000
+    model = config.loads(single(DENSE_FIRST + DENSE_OUT), FILE).models[0]
+    with pytest.raises(ConfigError, match=r"settings.subset = 50000000 is larger .* allowed: 1..50000"):
+        model.with_settings(subset=50_000_000)
+
+
+def test_the_validated_subset_bound_is_the_loaded_training_split():
+    from lowrank.engine import data
+
+    assert data.SPLIT_SIZES is config.SPLIT_SIZES and config.SPLIT_SIZES["train"] == 50_000
+

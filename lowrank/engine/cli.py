@@ -19,7 +19,7 @@ from pathlib import Path
 
 from lowrank.engine import report
 
-from lowrank.engine.config import DATASETS, QUICK, ConfigError
+from lowrank.engine.config import DATASETS, QUICK, ConfigError, count
 
 # Columns of the printed history table and how each is written.
 TABLE_FORMATS = {
@@ -61,11 +61,24 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not models:
             names = " | ".join(f'"{m.name}"' for m in study.models)
             raise ConfigError(f'{args.config}: no model named "{args.model}"; allowed: {names}')
-    overrides = {key: value for key, value in (("num_epochs", args.epochs), ("subset", args.subset),
-                                               ("device", args.device)) if value is not None}
-    models = [m.with_settings(**overrides) if overrides else m for m in models]
+    given = {"num_epochs": ("--epochs", args.epochs), "subset": ("--subset", args.subset),
+             "device": ("--device", args.device)}
+    overrides = {key: value for key, (_, value) in given.items() if value is not None}
+    try:
+        models = [m.with_settings(**overrides) if overrides else m for m in models]
+    except ConfigError as error:  # name the options, not only the model's settings they replaced
+        options = " ".join(f"{given[key][0]} {value}" for key, value in overrides.items())
+        raise ConfigError(f"{args.config} with {options}: {error}") from None
     show_bar = args.progress or sys.stderr.isatty()
-    from lowrank.engine import data, distributed, training  # after the config checks: importing torch takes seconds
+    # after the config checks: importing torch takes seconds
+    from lowrank.engine import data, determinism, distributed, training
+
+    for model in models:
+        try:
+            determinism.resolve_device(model.settings.device)
+        except determinism.DeviceUnavailableError as error:
+            raise ConfigError(f'{args.config}: model "{model.name}": settings.device = "{model.settings.device}" '
+                              f'(or --device): {error}, or "auto" (cuda where there is one)') from None
 
     # Under torchrun: join its process group (lowrank.engine.distributed); only rank 0 prints. Alone: nothing changes.
     with distributed.launch() as world:
@@ -154,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="results directory (default: $LOWRANK_RESULTS or ./results)")
     p.add_argument("--force", action="store_true", help="train again even if a cached result exists")
     p.add_argument("--progress", action="store_true", help="show progress bars even if stderr is not a terminal")
-    p.add_argument("--threads", type=int, default=1, metavar="N",
+    p.add_argument("--threads", type=count, default=1, metavar="N",
                    help="CPU threads for torch (default: 1, fastest for these small networks)")
     p.set_defaults(run=cmd_train)
 
@@ -167,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"train on {QUICK['subset']} images for {QUICK['num_epochs']} epochs "
                         f"in {QUICK['dtype']} (a fast end-to-end check; the notebooks' stored outputs)")
     p.add_argument("--force", action="store_true", help="retrain every model even if a cached result exists")
-    p.add_argument("--jobs", type=int, default=1, metavar="N", help="models trained, then figures executed, in parallel (default: 1)")
+    p.add_argument("--jobs", type=count, default=1, metavar="N", help="models trained, then figures executed, in parallel (default: 1)")
     p.add_argument("--only", nargs="+", metavar="FIGURE", default=(), help="run only these figures, e.g. fig_a")
     p.add_argument("--no-build", dest="build", action="store_false", help="skip `jb build book/`")
     p.add_argument("--out", metavar="DIR", type=Path, default=None,

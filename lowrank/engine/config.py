@@ -34,6 +34,7 @@ as fields of their own dataclass with ``option(..., table="run")``; :func:`exper
 :func:`table_values` check such a file with the same rules and messages, ``[quick]`` included.
 """
 
+import argparse
 import dataclasses
 import difflib
 import hashlib
@@ -60,6 +61,9 @@ DTYPES = ("float32", "float64")
 DATASETS = {"mnist": (784, 10), "fashion-mnist": (784, 10)}
 # (channels, height, width) of each dataset's images, as a first convolution takes them.
 IMAGE_SHAPES = {"mnist": (1, 28, 28), "fashion-mnist": (1, 28, 28)}
+#: Images of each split of both datasets, split the classic way (lowrank.engine.data): the first 50,000 of the
+#: 60,000 training images train, the last 10,000 validate.
+SPLIT_SIZES = {"train": 50_000, "val": 10_000, "test": 10_000}
 # camelCase keys of the student study's template -> our names
 SETTINGS_ALIASES = {"learningRate": "learning_rate", "batchSize": "batch_size", "numEpochs": "num_epochs"}
 
@@ -280,6 +284,14 @@ def quick_settings(model: ModelConfig) -> ModelConfig:
                                dtype=QUICK["dtype"])
 
 
+def count(text: str) -> int:
+    """An argparse type of the command lines: an integer >= 1 (an ``argparse.ArgumentTypeError`` that says so)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not an integer >= 1")
+    return value
+
+
 def default_results_dir(root: str | Path = ".") -> Path:
     """Where trained runs are cached (``lowrank.engine.store``): ``$LOWRANK_RESULTS`` if set, else ``<root>/results``
     (``root``: the working folder, or the repository root for the report)."""
@@ -301,13 +313,39 @@ def load(path: str | Path) -> Study:
 
 
 def read_toml(path: str | Path) -> dict:
-    """The table of a TOML file; a missing file or a syntax error is a ConfigError naming the file."""
+    """The table of a TOML file; a missing file or a syntax error (:func:`parse_toml`) is a ConfigError naming the
+    file."""
     try:
-        return tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file") from None
+    return parse_toml(text, str(path))
+
+
+#: What to do about the parser's errors that hand-edited configs meet most, by the start of tomllib's message.
+TOML_ADVICE = {
+    "Cannot overwrite a value": "a key is set twice in one table; allowed: each key once per table (remove one "
+                                "of the two; a further layer or model is a new [[layer]] or [[model]] table, with "
+                                "two brackets)",
+    "Cannot declare": "a table is declared twice; allowed: each [table] once (several layers or models are "
+                      "[[layer]] or [[model]] tables, with two brackets)",
+}
+
+
+def parse_toml(text: str, file: str) -> dict:
+    """``tomllib.loads(text)``; a syntax error is a ConfigError that names ``file``, the line (quoted), the parser's
+    reason and what to do (:data:`TOML_ADVICE`, else the TOML syntax)."""
+    try:
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
-        raise ConfigError(f"{path}: invalid TOML: {error}") from None
+        reason, _, position = str(error).partition(" (at ")
+        found, lines = re.match(r"line (\d+), column \d+\)", position), text.splitlines()
+        line = int(found[1]) if found else 0
+        source = f" ({lines[line - 1].strip()})" if 0 < line <= len(lines) else ""
+        advice = next((advice for start, advice in TOML_ADVICE.items() if reason.startswith(start)),
+                      "allowed: TOML, key = value lines under [table] headers, strings in quotes (https://toml.io)")
+        raise _error(file, f"line {line}{source}: invalid TOML: {reason}: {advice}" if line else
+                     f"invalid TOML: {reason}: {advice}") from None
 
 
 def experiment_tables(data: dict, kind: str, file: str, *classes, extra: tuple[str, ...] = ()) -> dict:
@@ -361,11 +399,7 @@ def _table_keys(classes) -> dict[str, list[str]]:
 
 def loads(text: str, path: str | Path | None = None) -> Study:
     """Validate TOML text; `path` names the file in messages and the single model."""
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{_label(path)}: invalid TOML: {e}") from None
-    return parse(data, path)
+    return parse(parse_toml(text, _label(path)), path)
 
 
 def parse(data: dict, path: str | Path | None = None) -> Study:
@@ -450,6 +484,12 @@ def _settings(table: dict, file: str, where: str, base: Settings = Settings()) -
     if settings.warm_start_epochs >= settings.num_epochs:
         raise _error(file, f"{where}.warm_start_epochs = {settings.warm_start_epochs} leaves no low-rank epoch of "
                            f"num_epochs = {settings.num_epochs}; allowed: 0..{settings.num_epochs - 1}")
+    train = SPLIT_SIZES["train"]
+    if settings.subset is not None and settings.subset > train:
+        raise _error(file, f'{where}.subset = {settings.subset} is larger than the training split of dataset = '
+                           f'"{settings.dataset}" ({train} images; the last {SPLIT_SIZES["val"]} of its '
+                           f'{train + SPLIT_SIZES["val"]} training images validate); allowed: 1..{train}, or leave '
+                           f"subset out to train on all")
     return settings
 
 

@@ -50,11 +50,11 @@ import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, TensorDataset
 
+from lowrank.engine.config import SPLIT_SIZES
 from lowrank.engine.store import atomic_write
 
 DATASETS = ("mnist", "fashion-mnist")
 SPLITS = ("train", "val", "test")
-SPLIT_SIZES = {"train": 50_000, "val": 10_000, "test": 10_000}
 PIXELS = 28 * 28
 CLASSES = 10
 

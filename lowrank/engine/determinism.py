@@ -18,6 +18,22 @@ import numpy as np
 import torch
 
 
+class DeviceUnavailableError(ValueError):
+    """A run asks for a device that this machine does not have."""
+
+
+def resolve_device(name: str) -> torch.device:
+    """``torch.device(name)``; ``"auto"`` is cuda where torch finds a CUDA device, else cpu. Asking for cuda where
+    torch finds none raises :class:`DeviceUnavailableError`, which says what to use."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceUnavailableError(f"device cuda was asked for, but torch {torch.__version__} finds no CUDA device "
+                                     f"here (torch.cuda.is_available() is False); use device cpu")
+    return device
+
+
 @contextmanager
 def torch_threads(count: int = 1) -> Iterator[None]:
     """``torch.set_num_threads(count)`` inside the block, the caller's setting after it.

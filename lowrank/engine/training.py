@@ -96,7 +96,8 @@ from tqdm import tqdm
 from lowrank import __version__, metrics, regularizers
 from lowrank.engine import distributed, store
 from lowrank.engine.config import IMAGE_SHAPES, ModelConfig
-from lowrank.engine.determinism import default_dtype, rng_state, run_settings, seed_epoch, set_rng_state
+from lowrank.engine.determinism import (default_dtype, resolve_device, rng_state, run_settings, seed_epoch,
+                                        set_rng_state)
 from lowrank.network import NeuralNetwork
 from lowrank.optim import Optimizers, build_optimizer
 
@@ -149,13 +150,6 @@ class TrainingResult:
 
 # ---------------------------------------------------------------------------------------------
 # Public helpers
-
-def resolve_device(device: str) -> torch.device:
-    """``"auto"`` -> cuda if available, else cpu; otherwise ``torch.device(device)``."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(device)
-
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device | str = "cpu") -> tuple[float, float]:

@@ -102,7 +102,7 @@ from torch.utils.flop_counter import flop_registry, shape_wrapper
 
 from lowrank.engine import determinism, summary
 from lowrank.engine.store import atomic_write
-from lowrank.engine.config import ConfigError, Settings, experiment_tables, option, read_toml, table_values
+from lowrank.engine.config import ConfigError, Settings, count, experiment_tables, option, read_toml, table_values
 from lowrank.layers import Dense, DynamicalLowRank, LowRank
 from lowrank.network import NeuralNetwork
 from lowrank.optim import build_optimizer
@@ -175,13 +175,11 @@ def basis_interval(variant: str) -> int:
 
 
 def resolve_device(name: str) -> torch.device:
-    """``torch.device(name)`` for ``"cpu"`` or ``"cuda"``; a ValueError that says why when CUDA is not available."""
+    """``torch.device(name)`` for ``"cpu"`` or ``"cuda"``; a ValueError that says why when CUDA is not available
+    (:func:`lowrank.engine.determinism.resolve_device`)."""
     if name not in DEVICES:
         raise ValueError(f"device {name!r} is not one of {DEVICES}")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device cuda was asked for, but torch {torch.__version__} finds no CUDA device here "
-                         "(torch.cuda.is_available() is False); use device cpu")
-    return torch.device(name)
+    return determinism.resolve_device(name)
 
 
 def synchronize(device: torch.device) -> None:
@@ -637,14 +635,6 @@ def glue_measurements(prefix: str, rows: list[dict], experiment: BenchmarkExperi
 # ---------------------------------------------------------------------------------------------
 # Command line
 
-def _count(text: str) -> int:
-    """An argparse type: an integer >= 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not an integer >= 1")
-    return value
-
-
 def parse_args(argv: Sequence[str] = ()) -> tuple[BenchmarkExperiment, Path]:
     """The experiment and the output folder of a command line (``python -m lowrank benchmark --help``)."""
     from lowrank.engine.config import default_results_dir
@@ -658,11 +648,11 @@ def parse_args(argv: Sequence[str] = ()) -> tuple[BenchmarkExperiment, Path]:
                              + " (options given explicitly still win)")
     for key, what in (("widths", "hidden widths"), ("ranks", "ranks of the low-rank models"),
                       ("batch", "batch sizes"), ("threads", "torch threads")):
-        parser.add_argument(f"--{key}", type=_count, nargs="+", help=f"{what} (default {list(getattr(default, key))})")
+        parser.add_argument(f"--{key}", type=count, nargs="+", help=f"{what} (default {list(getattr(default, key))})")
     parser.add_argument("--variants", nargs="+", default=list(default.variants),
                         help=f"models to time besides {REFERENCE} (always run: it is the reference); any of "
                              f"{ALLOWED_VARIANTS} (default: all listed)")
-    parser.add_argument("--reps", type=_count, default=default.reps, help=f"timed rounds (default {default.reps})")
+    parser.add_argument("--reps", type=count, default=default.reps, help=f"timed rounds (default {default.reps})")
     parser.add_argument("--warmup", type=int, default=default.warmup,
                         help=f"untimed rounds first (default {default.warmup})")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory and FLOP measurements")
