@@ -201,9 +201,9 @@ def convert(model: nn.Module, rank: int | float | None = None, tau: float | None
         model = _replace(model, name, replacement)
     after = parameter_count(model)
     if after > before:
-        warnings.warn(f"the converted model has {after:,} parameters, {after / before - 1:.0%} more than the {before:,} "
-                      f"of the model given: a rank-r factorisation of an n_in x n_out matrix holds r (n_in + n_out + r) "
-                      f"scalars, and tau= keeps nearly full rank on weights whose singular values are all of one "
+        warnings.warn(f"the converted model has {after:,} parameters, {after / before - 1:.0%} more than the "
+                      f"{before:,} of the model given: a rank-r factorisation of an n_in x n_out matrix holds "
+                      f"r (n_in + n_out + r) scalars, and tau= keeps nearly full rank on weights whose singular values are all of one "
                       f"size, as a random initialisation's are. Give rank= a fraction (rank=0.25) or a larger tau; "
                       f"lowrank.summary(model) lists every layer", UserWarning, stacklevel=2)
     return model

@@ -121,7 +121,8 @@ def dense_parameter_count(model: nn.Module) -> int:
     """Parameters of the dense twin of any ``model``: each low-rank layer (:func:`factorised_layers`) counted as the
     dense layer of its shape, ``n_in n_out (+ n_out)`` (the bias where it has one), every other trainable parameter
     (dense layers, normalisation, ...) as it is."""
-    return parameter_count(model) + sum(_dense_size(layer) - parameter_count(layer) for layer in factorised_layers(model))
+    layers = factorised_layers(model)
+    return parameter_count(model) + sum(_dense_size(layer) - parameter_count(layer) for layer in layers)
 
 
 def compression(model: nn.Module) -> float:

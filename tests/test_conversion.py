@@ -192,7 +192,8 @@ def mlp() -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 10))
 
 
-@pytest.mark.parametrize("make", [lambda: nn.Linear(8, 6), lambda: nn.Conv2d(3, 8, 3, padding=1)], ids=["linear", "conv"])
+@pytest.mark.parametrize("make", [lambda: nn.Linear(8, 6), lambda: nn.Conv2d(3, 8, 3, padding=1)],
+                         ids=["linear", "conv"])
 def test_a_layer_converted_by_itself_is_returned_as_the_low_rank_layer(make):
     torch.manual_seed(0)
     layer = make().eval()
