@@ -211,8 +211,9 @@ def decay_findings(results: Sequence, truncation: dict[str, "pd.DataFrame"], pre
         **{f"{prefix}_kept_{end}_{label}": round(pick(kept[eps]), 1)
            for eps, label in ((1e-3, "1e3"), (1e-2, "1e2"), (1e-1, "1e1")) for end, pick in (("min", min), ("max", max))},
         # Compressed: the factors r (n_in + n_out) of every layer hold fewer numbers than the dense matrices.
-        f"{prefix}_compressed_1e3": summary.names_text(name for name, fraction in zip(truncation, kept[1e-3])
-                                                       if fraction < 100),
+        **{f"{prefix}_compressed_{label}": summary.names_text(name for name, fraction in zip(truncation, kept[eps])
+                                                              if fraction < 100)
+           for eps, label in ((1e-3, "1e3"), (1e-2, "1e2"), (1e-1, "1e1"))},
         f"{prefix}_total_seconds": summary.total_seconds(results),
     }
     table = pd.DataFrame({f"lost at {eps:g} (points)": [round(v, 2) + 0.0 for v in lost[eps]] for eps in tolerances},
