@@ -195,3 +195,9 @@ def test_the_loss_spike_reads_as_a_sentence_with_the_counts_beside_it():
     values = summary.loss_spike_values("fig_z", result, [result])
     assert repr(values["fig_z_spike"]) == "rises most in epoch 3, from 0.400 to 0.900, while the ranks go from [8] to [4]"
     assert values["fig_z_rank_fell"] == 1 and values["fig_z_no_rank_fell_loss_rose"] == 0
+
+
+def test_names_that_hold_commas_are_listed_with_semicolons():
+    assert repr(summary.names_text(["a", "b", "c"])) == "a, b and c"
+    assert repr(summary.names_text(["wd 0.01", "wd 0.02", "wd 0.01, lr 0.2"])) == "wd 0.01; wd 0.02 and wd 0.01, lr 0.2"
+    assert repr(summary.names_text([])) == "none"

@@ -69,9 +69,10 @@ class FullTable:
 
 
 def names_text(names) -> Text:
-    """A list of names as ``"a, b and c"`` (``"none"`` when empty)."""
+    """A list of names as ``"a, b and c"`` (``"none"`` when empty); ``"a, x; b and c, y"`` when a name holds a comma."""
     names = list(names)
-    return Text("none" if not names else names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1])
+    separator = "; " if any(", " in name for name in names) else ", "
+    return Text("none" if not names else names[0] if len(names) == 1 else separator.join(names[:-1]) + " and " + names[-1])
 
 
 def points_text(difference: float) -> Text:
