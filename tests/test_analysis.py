@@ -92,10 +92,10 @@ def test_figure_i_verdicts_need_strict_trends_and_read_the_sign_of_the_correlati
     assert list(lost.columns) == ["lost at 0.001 (points)", "lost at 0.01 (points)", "lost at 0.1 (points)"]
     assert values["fig_z_lost_max_1e1"] == 40.0 and values["fig_z_kept_min_1e3"] == 80.0
     assert values["fig_z_kept_max_1e2"] == 50.0 and values["fig_z_kept_min_1e1"] == 10.0
-    assert repr(values["fig_z_compressed_1e3"]).startswith("wd 0, ")  # every run keeps 80 % < 100 %
+    assert repr(values["fig_z_compressed_1e3"]).startswith("wd 0; wd 0.003; ")  # every run keeps 80 % < 100 %
     uncompressed = {name: table.assign(factor_fraction=[1.2, 0.5, 0.1]) for name, table in truncation(results).items()}
     values, _ = analysis.decay_findings(results, uncompressed, "fig_z")
-    assert repr(values["fig_z_compressed_1e3"]) == "none" and repr(values["fig_z_compressed_1e2"]).startswith("wd 0, ")
+    assert repr(values["fig_z_compressed_1e3"]) == "none" and repr(values["fig_z_compressed_1e2"]).startswith("wd 0; wd 0.003; ")
 
     results = decay_runs([8, 6, 6, 2], nc1_of_rank=lambda rank: 1.0 / rank)  # a tie; NC1 rises as the rank falls
     values, _ = analysis.decay_findings(results, truncation(results), "fig_z")
