@@ -413,7 +413,7 @@ class AdapterExperiment:
 
     pretrain: cfg.ModelConfig
     shift: str = cfg.option("permuted-labels", "the new task", choices=SHIFTS, table="adaptation")
-    train_images: int = cfg.option(10_000, "training images of the new task", min=2, max=50_000, table="adaptation")
+    train_images: int = cfg.option(10_000, "training images of the new task", min=2, max=cfg.SPLIT_SIZES["train"], table="adaptation")
     max_rank: int = cfg.option(32, "largest adapter rank of a layer (capped at min(n_in, n_out))", min=1, table="adaptation")
     threshold: float = cfg.option(0.01, "terms with s below threshold * tau are pruned (a fraction of tau)", min=0, below=1,
                               table="adaptation")

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from lowrank import metrics
 from lowrank.engine import summary
+from lowrank.engine.config import SPLIT_SIZES
 from lowrank.layers import Dense, LowRank
 from lowrank.linalg import truncated_svd
 from lowrank.network import NeuralNetwork, effective_weight
@@ -125,7 +126,7 @@ def decay_table(results: Sequence, truncation: dict[str, "pd.DataFrame"], prefix
     values, rows = {}, []
     for r in results:
         s, layers = r.config.settings, range(len(r.model.layers))
-        steps = s.num_epochs * math.ceil(min(s.subset or 50000, 50000) / s.batch_size)
+        steps = s.num_epochs * math.ceil((s.subset or SPLIT_SIZES["train"]) / s.batch_size)  # subset <= the split
         at = truncation[r.config.name].iloc[0]
         eps_ranks = [int(v) for v in final(r, "epsrank_", layers)]
         rows.append({

@@ -102,12 +102,13 @@ from torch.utils.flop_counter import flop_registry, shape_wrapper
 
 from lowrank.engine import determinism, summary
 from lowrank.engine.store import atomic_write
-from lowrank.engine.config import ConfigError, Settings, count, experiment_tables, option, read_toml, table_values
+from lowrank.engine.config import (SPLIT_SIZES, ConfigError, Settings, count, experiment_tables, option, read_toml,
+                                   table_values)
 from lowrank.layers import Dense, DynamicalLowRank, LowRank
 from lowrank.network import NeuralNetwork
 from lowrank.optim import build_optimizer
 
-TRAIN_SAMPLES = 50_000
+TRAIN_SAMPLES = SPLIT_SIZES["train"]
 IN_FEATURES, CLASSES = 784, 10
 LEARNING_RATE = 1e-3
 REFERENCE = "torch-dense"
