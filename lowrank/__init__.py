@@ -18,7 +18,7 @@ engine that drives the report is :mod:`lowrank.engine`; the library never import
 nothing else, so ``lowrank.engine.config`` (and ``python -m lowrank --help``) load without torch.
 """
 
-__version__ = "0.5.0"
+__version__ = "0.6.0"
 
 _EXPORTS = {
     "Dense": "lowrank.layers",

@@ -11,7 +11,7 @@ LAYER_TYPES = ("dense", "lowrank", "dynamical")
 ACTIVATIONS = ("relu", "identity", "tanh", "sigmoid")
 #: Initialisations of a factorised layer (``lowrank.layers`` module docstring); dense layers take the first
 #: and ``"normal"``.
-INITS = ("kaiming", "kaiming-flat", "normal", "spectral", "spectral-ones")
+INITS = ("kaiming", "kaiming-flat", "normal", "spectral", "spectral-ones", "sorted-normal")
 DENSE_INITS = ("kaiming", "normal")
 #: The default ``init_scale`` of a ``DynamicalLowRank`` with the ``"kaiming"`` init: W starts at 20 % of the
 #: Kaiming scale and training sets the spectrum; every other layer and init: 1.
@@ -24,8 +24,8 @@ OPTIMIZERS = ("sgd", "adam")
 INTEGRATORS = ("kls", "single-pass")
 #: DLRT optimiser state when the bases change: carried to the new bases, or dropped.
 BASIS_STATES = ("project", "reset")
-#: DLRT step schedules for ``basis_interval = k``: new bases on every k-th step with S-steps on the truncated
-#: bases in between, or augmented local iterations (augment, k S-steps on the augmented bases, truncate).
-SCHEDULES = ("fixed-bases", "augmented")
+#: How the truncation at the end of a DLRT cycle of k steps picks the rank: with the new block scaled to one
+#: step (divided by sqrt(k)), or from the accumulated coefficients as they are.
+RANK_TESTS = ("per-step", "accumulated")
 #: Adam's step counts of the coefficients S: one count per tensor, or one per coordinate (new coordinates at 0).
 NEW_COORDINATES = ("shared", "per-coordinate")

@@ -236,7 +236,7 @@ class DynamicalLowRankConv2d(_ConvGeometry, DynamicalLowRank):
     Args:
         in_channels, out_channels, kernel_size, stride, padding, dilation, bias: as in ``torch.nn.Conv2d``
             (``groups = 1``, zero padding).
-        rank, r_max, r_min, tau, adaptive, init, init_scale: as in :class:`lowrank.layers.DynamicalLowRank`, for
+        rank, r_max, r_min, tau, adaptive, init, init_scale, grow: as in :class:`lowrank.layers.DynamicalLowRank`, for
             the ``(c_in k_h k_w) x c_out`` matrix ``W``.
 
     Shapes: as :class:`LowRankConv2d`. ``sink`` receives the exact K- and L-step gradients of each backward pass.
@@ -244,9 +244,10 @@ class DynamicalLowRankConv2d(_ConvGeometry, DynamicalLowRank):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, rank: int, stride=1, padding=0,
                  dilation=1, bias: bool = True, r_max: int | None = None, r_min: int = 1, tau: float = 0.1,
-                 adaptive: bool = True, init: str = "kaiming", init_scale: float | None = None) -> None:
+                 adaptive: bool = True, init: str = "kaiming", init_scale: float | None = None,
+                 grow: bool = True) -> None:
         super().__init__(self._patch_size(in_channels, kernel_size), out_channels, rank, bias=bias, r_max=r_max,
-                         r_min=r_min, tau=tau, adaptive=adaptive, init=init, init_scale=init_scale)
+                         r_min=r_min, tau=tau, adaptive=adaptive, init=init, init_scale=init_scale, grow=grow)
         self._set_geometry(in_channels, out_channels, kernel_size, stride, padding, dilation)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -255,7 +256,7 @@ class DynamicalLowRankConv2d(_ConvGeometry, DynamicalLowRank):
 
     def extra_repr(self) -> str:
         return (f"{self._geometry_repr()}, rank={self.rank}, r_min={self.r_min}, r_max={self.r_max}, tau={self.tau}, "
-                f"adaptive={self.adaptive}, bias={self.bias is not None}")
+                f"adaptive={self.adaptive}, {'' if self.grow else 'grow=False, '}bias={self.bias is not None}")
 
 
 #: Every convolution a network of the library may hold.

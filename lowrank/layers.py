@@ -29,6 +29,9 @@ Initialisations (``init=``):
     form), as in Khodak et al. 2021 and Kamalakara et al. 2022.
 ``"spectral-ones"``
     the same singular vectors with every singular value set to one.
+``"sorted-normal"``
+    random orthonormal ``U``, ``V`` and ``S = diag(|N(0, 1)|)`` sorted in decreasing order, the start of the DLRT
+    authors' LeNet5 code (figure (o)).
 
 Every layer also takes ``init_scale`` (``c > 0``), which multiplies the initial ``W`` (``S``, or ``U`` and
 ``V`` by ``sqrt(c)`` each without ``S``; a dense layer's ``W``). With its default ``"kaiming"`` init,
@@ -97,6 +100,10 @@ def initial_factors(
         u = torch.randn(in_features, rank, **factory)
         s = torch.randn(rank, rank, **factory)
         v = torch.randn(out_features, rank, **factory)
+    elif init == "sorted-normal":
+        u = random_orthonormal(in_features, rank, **factory)
+        s = torch.diag(torch.randn(rank, **factory).abs().sort(descending=True).values)
+        v = random_orthonormal(out_features, rank, **factory)
     elif init in ("kaiming", "kaiming-flat"):
         u = random_orthonormal(in_features, rank, **factory)  # drawn first, then S, then V
         s = (torch.randn(rank, rank, **factory) * (math.sqrt(2.0 * out_features) / rank) if init == "kaiming"
@@ -503,6 +510,9 @@ class DynamicalLowRank(_Factorised):
         r_min: smallest rank after truncation, ``>= 1``.
         tau: relative truncation tolerance, ``0 <= tau < 1``.
         adaptive: rank-adaptive (augment and truncate) or fixed rank.
+        grow: whether a truncation may keep more than the rank its step (or cycle) started from; ``False`` is
+            the rule of the DLRT authors' LeNet5 code (at most ``floor(len(d) / 2)`` of the ``2r`` singular
+            values ``d``): the rank can only fall.
         init: one of :data:`INITS`, each described in ``help(lowrank.layers)``.
         init_scale: ``c > 0``, the initial ``W`` is ``c`` times the draw; default (``None``)
             :data:`DYNAMICAL_INIT_SCALE` for ``"kaiming"``, which leaves the spectrum to training (module
@@ -527,6 +537,7 @@ class DynamicalLowRank(_Factorised):
         adaptive: bool = True,
         init: str = "kaiming",
         init_scale: float | None = None,
+        grow: bool = True,
     ) -> None:
         if init_scale is None:
             init_scale = DYNAMICAL_INIT_SCALE if init == "kaiming" else 1.0
@@ -540,7 +551,7 @@ class DynamicalLowRank(_Factorised):
         if not 0.0 <= tau < 1.0:
             raise ValueError(f"tau = {tau} must be in [0, 1)")
         super().__init__(in_features, out_features, bias, init, init_scale)
-        self.r_max, self.r_min, self.tau, self.adaptive = r_max, r_min, tau, adaptive
+        self.r_max, self.r_min, self.tau, self.adaptive, self.grow = r_max, r_min, tau, adaptive, grow
         self.initial_rank = rank
         self.sink = GradientSink()
         self.U = nn.Parameter(torch.empty(in_features, rank))
@@ -588,6 +599,6 @@ class DynamicalLowRank(_Factorised):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
             f"r_min={self.r_min}, r_max={self.r_max}, tau={self.tau}, adaptive={self.adaptive}, "
-            f"bias={self.bias is not None}"
+            f"{'' if self.grow else 'grow=False, '}bias={self.bias is not None}"
         )
 

@@ -46,7 +46,7 @@ def build_layer(spec) -> nn.Module:
                        init_scale=spec.init_scale)
     if spec.type == "dynamical":
         return dynamical(**geometry, rank=spec.rank, r_max=spec.r_max, r_min=spec.r_min, tau=spec.tau,
-                         adaptive=spec.adaptive, init=spec.init, init_scale=spec.init_scale)
+                         adaptive=spec.adaptive, init=spec.init, init_scale=spec.init_scale, grow=spec.grow)
     raise ValueError(f"layer type {spec.type!r} is not one of ('dense', 'lowrank', 'dynamical')")
 
 

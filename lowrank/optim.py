@@ -47,38 +47,54 @@ with the element-wise squares of the same matrices (exact for a permutation of b
 non-negative approximation otherwise); ``basis_state="reset"`` drops the state at every step, which turns
 Adam into a sign-like update of the first step.
 
-Schedules for ``basis_interval = k`` (``schedule=``); for ``k = 1`` both are the step above, bit for bit:
+Augmented local iterations, for ``basis_interval = k`` (the schedule of the public RobustDLRT code): cycles of
+``k`` steps, one forward and backward pass each, with no QR or SVD between the first and the last step of a
+cycle. ``k = 1`` is the step above.
 
-``"fixed-bases"`` (default)
-    steps ``1, k + 1, 2k + 1, ...`` are the step above (augmentation, S-step and truncation at once); the
-    ``k - 1`` steps in between are S-steps ``S <- S - h D_S`` on the truncated bases, with ``D_S`` from
-    ``dL/dS = U^T G V`` of one forward and backward pass.
-``"augmented"``
-    augmented local iterations, the schedule of the public RobustDLRT code: cycles of ``k`` steps, one forward
-    and backward pass each, with no QR or SVD between the first and the last step of a cycle.
+1. Step 1 of a cycle augments, ``U_hat = [U, Q_U]``, ``V_hat = [V, Q_V]`` (:func:`augmented_basis` of the K- and
+   L-step directions, as above) and ``S_hat = [[S, 0], [0, 0]]``, which leaves ``W = U_hat S_hat V_hat^T =
+   U S V^T`` unchanged, installs ``(U_hat, S_hat, V_hat)`` as the layer's factors and takes the S-step with
+   ``U_hat^T G V_hat`` (single pass or kls, as above).
+2. Steps 2 to ``k`` are S-steps on the fixed augmented bases. The layer's parameters are the augmented factors,
+   so autograd's ``S.grad = (X U_hat)^T (Delta V_hat) = U_hat^T G V_hat`` is the S-step gradient and each step
+   is the SGD or Adam step of ``torch.optim`` on ``S_hat`` with ``U_hat``, ``V_hat`` fixed.
+3. After the S-step of step ``k``, the truncation of step 4 above: ``U = U_hat P_r1``, ``S = diag(d[:r1])``,
+   ``V = V_hat Q_r1``, with the rank ``r1`` of the rank test below.
 
-    1. Step 1 of a cycle augments, ``U_hat = [U, Q_U]``, ``V_hat = [V, Q_V]`` (:func:`augmented_basis` of the
-       K- and L-step directions, as above) and ``S_hat = [[S, 0], [0, 0]]``, which leaves
-       ``W = U_hat S_hat V_hat^T = U S V^T`` unchanged, installs ``(U_hat, S_hat, V_hat)`` as the layer's
-       factors and takes the S-step with ``U_hat^T G V_hat`` (single pass or kls, as above).
-    2. Steps 2 to ``k`` are S-steps on the fixed augmented bases. The layer's parameters are the augmented
-       factors, so autograd's ``S.grad = (X U_hat)^T (Delta V_hat) = U_hat^T G V_hat`` is the S-step gradient
-       and each step is the SGD or Adam step of ``torch.optim`` on ``S_hat`` with ``U_hat``, ``V_hat`` fixed.
-    3. After the S-step of step ``k``, the truncation of step 4 above: ``U = U_hat P_r1``, ``S = diag(d[:r1])``,
-       ``V = V_hat Q_r1``.
+Between steps 1 and ``k`` the layer holds the augmented factors (``layer.rank`` is then the number of columns
+of ``U_hat``, and ``S`` may be rectangular); the layer's and the optimiser's ``state_dict`` taken there load
+into a new layer and optimiser that continue the run bit-identically. :meth:`DLRT.finish_cycle` truncates at
+once (an epoch's end, before an evaluation that should see the truncated network); the next step starts a
+new cycle. Fixed-rank layers take the step above (new bases) on step 1 of a cycle and S-steps on those bases
+until its end.
 
-    Between steps 1 and ``k`` the layer holds the augmented factors (``layer.rank`` is then the number of
-    columns of ``U_hat``, and ``S`` may be rectangular); the layer's and the optimiser's ``state_dict`` taken
-    there load into a new layer and optimiser that continue the run bit-identically.
+The rank test (``rank_test=``) at the end of a cycle of ``j`` S-steps. The coefficients outside the cycle's
+starting ``r x r`` block (the *new block*) held zero at the augmentation, so what they hold at the end is the
+sum of ``j`` steps. Under Adam a step moves every coordinate by about ``h`` whatever the size of its gradient
+(``m_hat / sqrt(v_hat)`` is about the sign of ``g`` for a coordinate without history), so the new block's norm
+grows with ``j`` and with its number of coordinates, about ``3 r^2``, even where the gradient is noise:
+steps of independent signs add to ``sqrt(j) h`` per coordinate, ``sqrt(3 j) h r`` in all. The truncation
+keeps the new directions unless that norm is below ``tau ||S_hat||_F``, so the rank grows once
+``r > tau ||S_hat||_F / (sqrt(3 j) h)``, and a larger rank adds a larger new block: the rank runs away to
+``r_max`` when ``||S||_F`` is small (a small ``init_scale``) or ``j h`` large.
 
-The state in the augmented schedule (``basis_state="project"``): the augmentation maps ``m_S`` to
-``[[m_S, 0], [0, 0]]`` (the change of basis with ``M = [I; 0]``, ``N = [I; 0]``: the old coordinates keep
-their vectors, the new ones start empty), and, when the cycle goes on (``k > 1``), pads the K state
-(``(n_in, r)``, in the coordinates of ``V``) with zero columns for ``Q_V`` and the L state with zero columns
-for ``Q_U``, so that until the truncation every state is in the coordinates of ``U_hat`` and ``V_hat``. The
-truncation maps ``m_S <- P_r1^T m_S Q_r1``, ``m_K <- m_K Q_r1`` (``V_hat^T V_new = Q_r1``), ``m_L <- m_L P_r1``,
-and the second moments with the squares of the same matrices. ``basis_state="reset"`` drops the state at
-the truncation.
+``"per-step"`` (default)
+    ``r1`` is the rank that the tolerance gives for ``S_hat`` with its new block divided by ``sqrt(j)``: the
+    new block's noise is then that of one step, as in the step above (``k = 1``), whose ranks do not run
+    away, while a direction that the ``j`` steps moved coherently still counts ``sqrt(j)`` times one step.
+    The truncation keeps the ``r1`` leading singular triplets of ``S_hat`` itself (clusters kept whole, as
+    above); only the choice of ``r1`` sees the scaled block. Its singular values cost one more ``2r x 2r``
+    decomposition per cycle. For ``j = 1`` it is the plain rule.
+``"accumulated"``
+    ``r1`` from the singular values of ``S_hat`` itself (the rule of the step above applied once per cycle).
+
+The state (``basis_state="project"``): the augmentation maps ``m_S`` to ``[[m_S, 0], [0, 0]]`` (the change of
+basis with ``M = [I; 0]``, ``N = [I; 0]``: the old coordinates keep their vectors, the new ones start empty),
+and, when the cycle goes on (``k > 1``), pads the K state (``(n_in, r)``, in the coordinates of ``V``) with zero
+columns for ``Q_V`` and the L state with zero columns for ``Q_U``, so that until the truncation every state
+is in the coordinates of ``U_hat`` and ``V_hat``. The truncation maps ``m_S <- P_r1^T m_S Q_r1``,
+``m_K <- m_K Q_r1`` (``V_hat^T V_new = Q_r1``), ``m_L <- m_L P_r1``, and the second moments with the squares of
+the same matrices. ``basis_state="reset"`` drops the state at the truncation.
 
 Adam's step count of the coefficients (``new_coordinates=``):
 
@@ -112,8 +128,8 @@ their numerical rank, about a dozen ``(n, r) x (r, r)`` products (projections, `
 change of basis), one ``2r x 2r`` decomposition (:func:`truncate`: the eigendecomposition of a Gram matrix
 in float64 for float32 training, an SVD otherwise), and for the single-pass integrator ``X Q_U`` and
 ``Delta Q_V`` (``B n r`` each). The Adam directions of all factors are computed by one fused kernel call.
-With ``basis_interval = k`` this work is done on every ``k``-th step only (in the augmented schedule the
-QRs on the first step of a cycle, the decomposition on the last). ``python -m lowrank benchmark``
+With ``basis_interval = k`` this work is done once per cycle (the QRs on its first step, the decompositions
+on its last). ``python -m lowrank benchmark``
 (:mod:`lowrank.engine.experiments.benchmark`) measures the step against a dense network.
 """
 
@@ -127,7 +143,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lowrank.choices import BASIS_STATES, INTEGRATORS, NEW_COORDINATES, OPTIMIZERS, SCHEDULES
+from lowrank.choices import BASIS_STATES, INTEGRATORS, NEW_COORDINATES, OPTIMIZERS, RANK_TESTS
 from lowrank.layers import DynamicalLowRank
 from lowrank.torch_compat import adam_directions, adam_directions_per_coordinate, momentum_update_
 
@@ -206,12 +222,15 @@ def restore_orthonormality(u: Tensor, s: Tensor, v: Tensor) -> tuple[Tensor, Ten
     return u, s, v
 
 
-def truncated_rank(singular_values: Tensor, tau: float, r_min: int, r_max: int, cluster_gap: float = 0.0) -> int:
+def truncated_rank(singular_values: Tensor, tau: float, r_min: int, r_max: int, cluster_gap: float = 0.0,
+                   rank: int | None = None) -> int:
     """Smallest ``r1`` with ``||d[r1:]||_2 <= tau ||d||_2``, clamped to ``[r_min, min(r_max, len(d))]``, that
     does not split a cluster of nearly equal singular values.
 
     ``singular_values`` is ``d``, sorted in decreasing order. The tail norms ``||d[i:]||`` decrease with
-    ``i``, so the tolerance alone gives ``r1`` = the number of them above ``tau ||d||``.
+    ``i``, so the tolerance alone gives ``r1`` = the number of them above ``tau ||d||``. ``rank``, if given,
+    replaces that count (a rank decided by another rule, :func:`cycle_rank`); the clamp and the clusters apply
+    as below.
 
     Clusters: ``d[i]`` and ``d[i + 1]`` belong together when ``d[i] - d[i + 1] <= cluster_gap * d[i]``. Which of
     two nearly equal singular values is kept is decided by rounding, and the kept singular vectors move by
@@ -221,10 +240,7 @@ def truncated_rank(singular_values: Tensor, tau: float, r_min: int, r_max: int, 
     ``r_min``. ``cluster_gap = 0`` cuts anywhere.
     """
     values = singular_values.tolist()  # d is short (2r): plain Python is faster
-    tail = [value * value for value in values]
-    for i in range(len(tail) - 2, -1, -1):
-        tail[i] += tail[i + 1]
-    r1 = sum(1 for value in tail if math.sqrt(value) > tau * math.sqrt(tail[0])) if tail else 0
+    r1 = tolerance_rank(values, tau) if rank is None else rank
     upper = min(r_max, len(values))
     r1 = max(r_min, min(r1, upper))
 
@@ -241,12 +257,36 @@ def truncated_rank(singular_values: Tensor, tau: float, r_min: int, r_max: int, 
     return r1
 
 
-def truncate(s_hat: Tensor, tau: float, r_min: int, r_max: int) -> tuple[Tensor, Tensor, Tensor]:
+def tolerance_rank(values: list[float], tau: float) -> int:
+    """The number of tail norms ``||d[i:]||_2`` above ``tau ||d||_2``: the smallest ``r1`` with
+    ``||d[r1:]|| <= tau ||d||``, for ``d`` (``values``) sorted in decreasing order."""
+    tail = [value * value for value in values]
+    for i in range(len(tail) - 2, -1, -1):
+        tail[i] += tail[i + 1]
+    return sum(1 for value in tail if math.sqrt(value) > tau * math.sqrt(tail[0])) if tail else 0
+
+
+def cycle_rank(s_hat: Tensor, start: tuple[int, int], steps: int, tau: float) -> int:
+    """The rank test of an augmented cycle (``rank_test="per-step"``, module docstring): :func:`tolerance_rank`
+    of the singular values of ``S_hat`` with its new block divided by ``sqrt(steps)``.
+
+    ``S_hat`` ``(r_U, r_V)`` holds the cycle's starting coefficients in its leading ``start = (r, c)`` block and
+    what ``steps`` S-steps added everywhere else (the new block, zero at the augmentation). The scaled matrix
+    ``T = S_hat / sqrt(steps)`` with ``T[:r, :c] = S_hat[:r, :c]`` is decomposed in float64.
+    """
+    rows, cols = start
+    test = s_hat.double() / math.sqrt(steps)
+    test[:rows, :cols] = s_hat[:rows, :cols]
+    return tolerance_rank(torch.linalg.svdvals(test).tolist(), tau)
+
+
+def truncate(s_hat: Tensor, tau: float, r_min: int, r_max: int, rank: int | None = None
+             ) -> tuple[Tensor, Tensor, Tensor]:
     """SVD truncation of the coefficient matrix: ``(P_r1, d[:r1], Q_r1)`` with ``S_hat ~ P diag(d) Q^T``.
 
-    ``r1`` is :func:`truncated_rank` with clusters of relative gap :data:`CLUSTER_RTOL` kept whole. The
-    discarded part has Frobenius norm ``||d[r1:]|| <= tau ||S_hat||_F`` unless the clamp
-    to ``r_max`` forces a larger error.
+    ``r1`` is :func:`truncated_rank` (of ``rank``, if given, instead of the tolerance's count) with clusters of
+    relative gap :data:`CLUSTER_RTOL` kept whole. Without ``rank``, the discarded part has Frobenius norm
+    ``||d[r1:]|| <= tau ||S_hat||_F`` unless the clamp to ``r_max`` forces a larger error.
 
     The decomposition is computed in float64 whatever the dtype of ``S_hat``: its singular vectors become
     the next bases, and a float32 SVD made the step depend more on the factorisation of ``W``. Measured with
@@ -256,15 +296,16 @@ def truncate(s_hat: Tensor, tau: float, r_min: int, r_max: int) -> tuple[Tensor,
     decomposition is :func:`gram_truncation`, 1.4-1.8x faster than the SVD, when it is accurate enough.
     """
     if s_hat.dtype != torch.float64:
-        truncated = gram_truncation(s_hat, tau, r_min, r_max)
+        truncated = gram_truncation(s_hat, tau, r_min, r_max, rank)
         if truncated is not None:
             return truncated
     p, d, qt = robust_svd(s_hat, torch.float64)
-    r1 = truncated_rank(d, tau, r_min, r_max, CLUSTER_RTOL)
+    r1 = truncated_rank(d, tau, r_min, r_max, CLUSTER_RTOL, rank)
     return p[:, :r1], d[:r1], qt[:r1].T
 
 
-def gram_truncation(s_hat: Tensor, tau: float, r_min: int, r_max: int) -> tuple[Tensor, Tensor, Tensor] | None:
+def gram_truncation(s_hat: Tensor, tau: float, r_min: int, r_max: int, rank: int | None = None
+                    ) -> tuple[Tensor, Tensor, Tensor] | None:
     """:func:`truncate` of a single-precision ``S_hat`` from the eigendecomposition of its Gram matrix, in float64;
     ``None`` when that is not accurate to the precision of ``S_hat``.
 
@@ -285,7 +326,7 @@ def gram_truncation(s_hat: Tensor, tau: float, r_min: int, r_max: int) -> tuple[
     except torch.linalg.LinAlgError:
         return None
     d = eigenvalues.flip(0).clamp_min(0).sqrt()
-    r1 = truncated_rank(d, tau, r_min, r_max, CLUSTER_RTOL)
+    r1 = truncated_rank(d, tau, r_min, r_max, CLUSTER_RTOL, rank)
     if r1 == 0 or not float(d[r1 - 1]) >= GRAM_MIN_RATIO * float(d[0]):
         return None
     right = vectors.flip(1)[:, :r1]
@@ -372,14 +413,11 @@ class DLRT(torch.optim.Optimizer):
         weight_decay: ``lambda >= 0``, decay of ``W`` (see module docstring).
         integrator: ``"kls"`` or ``"single-pass"`` (module docstring).
         basis_state: ``"project"`` or ``"reset"``, what happens to the optimiser state when bases change.
-        basis_interval: ``k >= 1``, the steps between new bases; ``k = 1`` is the classic step.
-        schedule: what the ``k`` steps do (module docstring). ``"fixed-bases"``: steps ``1, k + 1, 2k + 1, ...``
-            are full DLRT steps (K-, L- and S-steps, augmentation and truncation) and the ``k - 1`` steps in
-            between S-steps ``S <- S - h D_S`` on the truncated bases, ``D_S`` from ``dL/dS = U^T G V`` of one
-            forward and backward pass (no QR, no SVD, no second pass; the rank and the K, L state stay as they
-            are). ``"augmented"``: augmented local iterations, the K- and L-steps and the augmentation on step
-            1 of every ``k``, S-steps on the augmented bases, the truncation after the S-step of step ``k``.
-            Fixed-rank layers take the same steps under both.
+        basis_interval: ``k >= 1``, the length of a cycle of augmented local iterations (module docstring): the
+            K- and L-steps and the augmentation on step 1 of every ``k``, S-steps on the augmented bases, the
+            truncation after the S-step of step ``k``. ``k = 1`` is the classic step.
+        rank_test: ``"per-step"`` or ``"accumulated"``, how the truncation at the end of a cycle picks the rank
+            (module docstring); the same for ``k = 1``.
         new_coordinates: ``"shared"`` or ``"per-coordinate"``, Adam's step count of ``S`` (module docstring).
 
     ``step(closure)``: the closure clears gradients, evaluates the loss, calls ``backward()`` and returns the
@@ -402,7 +440,7 @@ class DLRT(torch.optim.Optimizer):
         integrator: str = "kls",
         basis_state: str = "project",
         basis_interval: int = 1,
-        schedule: str = "fixed-bases",
+        rank_test: str = "per-step",
         new_coordinates: str = "shared",
     ) -> None:
         if not lr > 0.0:
@@ -421,8 +459,8 @@ class DLRT(torch.optim.Optimizer):
             raise ValueError(f"Invalid basis_state: {basis_state!r}; allowed: {BASIS_STATES}")
         if not (isinstance(basis_interval, int) and basis_interval >= 1):
             raise ValueError(f"Invalid basis_interval: {basis_interval!r}; allowed: an integer >= 1")
-        if schedule not in SCHEDULES:
-            raise ValueError(f"Invalid schedule: {schedule!r}; allowed: {SCHEDULES}")
+        if rank_test not in RANK_TESTS:
+            raise ValueError(f"Invalid rank_test: {rank_test!r}; allowed: {RANK_TESTS}")
         if new_coordinates not in NEW_COORDINATES:
             raise ValueError(f"Invalid new_coordinates: {new_coordinates!r}; allowed: {NEW_COORDINATES}")
         self.layers = list(layers)
@@ -433,9 +471,12 @@ class DLRT(torch.optim.Optimizer):
         self.integrator = integrator
         self.basis_state = basis_state
         self.basis_interval = basis_interval
-        self.schedule = schedule
+        self.rank_test = rank_test
         self.new_coordinates = new_coordinates
-        self._steps = 0  # saved in state_dict: which steps update the bases (and truncate) depends on it
+        # Saved in state_dict: the step of the cycle that comes next (0 = an augmentation), and the number of
+        # cycles ended so far (the truncation of every ORTHONORMALITY_CHECK_INTERVAL-th one checks the bases).
+        self._position = 0
+        self._truncations = 0
         # Averages a list of tensors over processes, in place; set by lowrank.engine.distributed.World.prepare.
         self.gradient_average: Callable[[list[Tensor]], None] | None = None
         for layer in self.layers:
@@ -448,12 +489,27 @@ class DLRT(torch.optim.Optimizer):
             layer.sink.clear()
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "dlrt_steps": self._steps}
+        return {**super().state_dict(), "dlrt_cycle_position": self._position, "dlrt_truncations": self._truncations}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
-        self._steps = state_dict.pop("dlrt_steps", 0)
+        self._position = state_dict.pop("dlrt_cycle_position", 0)
+        self._truncations = state_dict.pop("dlrt_truncations", 0)
         super().load_state_dict(state_dict)
+
+    @property
+    def mid_cycle(self) -> bool:
+        """Whether the layers hold the augmented factors of an unfinished cycle (``k > 1``)."""
+        return self._position != 0
+
+    @torch.no_grad()
+    def finish_cycle(self) -> None:
+        """End the current cycle now: truncate every rank-adaptive layer that holds augmented factors (rank test
+        after the S-steps taken so far); the next step starts a new cycle. Nothing happens between cycles."""
+        if self._position:
+            self._truncations += 1
+            self._end_cycle(steps=self._position)
+            self._position = 0
 
     def _evaluate(self, closure: Callable[[], Tensor], basis_step: bool = True) -> Tensor:
         for layer in self.layers:
@@ -471,19 +527,22 @@ class DLRT(torch.optim.Optimizer):
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
         if closure is None and self.integrator == "kls":
             raise ValueError("DLRT(integrator='kls') needs a closure: its S-step runs a second forward/backward")
-        position = self._steps % self.basis_interval
-        basis_step = position == 0
-        # Whether this step truncates: every basis step (fixed-bases), the last step of a cycle (augmented).
-        truncating = basis_step if self.schedule == "fixed-bases" else position == self.basis_interval - 1
-        loss = self._evaluate(closure, basis_step) if closure is not None else None
-        self._steps += 1
-        if not basis_step:
-            self._fixed_basis_step()
-            if truncating:  # the end of an augmented cycle: the layers hold U_hat, S_hat, V_hat
-                for layer in self.layers:
-                    if layer.adaptive:
-                        self._truncate(layer, layer.S.data)
-            return loss
+        starting = self._position == 0
+        ending = self._position == self.basis_interval - 1
+        loss = self._evaluate(closure, basis_step=starting) if closure is not None else None
+        self._truncations += ending
+        if starting:
+            self._start_cycle(closure, truncating=ending)
+        else:
+            self._cycle_s_step()
+            if ending:
+                self._end_cycle(steps=self.basis_interval)
+        self._position = 0 if ending else self._position + 1
+        return loss
+
+    def _start_cycle(self, closure: Callable[[], Tensor] | None, truncating: bool) -> None:
+        """Step 1 of a cycle: K- and L-steps, new (augmented) bases and the S-step; with ``k = 1`` (``truncating``)
+        the truncation too, the classic step."""
         pairs = list(zip(self.layers, self.param_groups))
         # K- and L-steps; the update directions of all layers are computed together (_directions).
         gradients = []
@@ -517,10 +576,15 @@ class DLRT(torch.optim.Optimizer):
             self.gradient_average([s_grad for _, s_grad, _ in gradients])
         for (layer, group), basis, direction in zip(pairs, bases, self._coefficient_directions(gradients)):
             self._coefficient_update(layer, group, direction, basis, truncating)
-        return loss
 
-    def _fixed_basis_step(self) -> None:
-        """``S <- S - h D_S`` for every layer, from ``S.grad = U^T G V`` (plus ``lambda S``), bases and rank fixed."""
+    def _end_cycle(self, steps: int) -> None:
+        """Truncate every rank-adaptive layer, which holds ``U_hat``, ``S_hat``, ``V_hat`` after ``steps`` S-steps."""
+        for layer in self.layers:
+            if layer.adaptive:
+                self._truncate(layer, layer.S.data, steps=steps)
+
+    def _cycle_s_step(self) -> None:
+        """``S <- S - h D_S`` for every layer, from ``S.grad = U^T G V`` (plus ``lambda S``) on the cycle's bases."""
         gradients = []
         for layer, group in zip(self.layers, self.param_groups):
             if layer.S.grad is None:
@@ -607,6 +671,8 @@ class DLRT(torch.optim.Optimizer):
             s_hat = s.new_zeros(rows, cols)
             s_hat[: s.shape[0], : s.shape[1]] = s
             _pad_state(self.state[layer.S], rows, cols)
+            if not truncating:  # where the new block starts, for the rank test at the end of the cycle
+                self.state[layer.S]["cycle_start"] = tuple(s.shape)
             if self.integrator == "kls" or not truncating:
                 layer.set_factors(torch.cat([u, u_extra], 1), s_hat, torch.cat([v, v_extra], 1))
             else:
@@ -636,15 +702,21 @@ class DLRT(torch.optim.Optimizer):
         else:  # an augmented cycle goes on: the layer holds U_hat and V_hat (_basis_update)
             layer.S.data = s_hat
 
-    def _truncate(self, layer: DynamicalLowRank, s_hat: Tensor, basis: _Bases | None = None) -> None:
+    def _truncate(self, layer: DynamicalLowRank, s_hat: Tensor, basis: _Bases | None = None, steps: int = 1) -> None:
         """Truncate ``S_hat = P diag(d) Q^T`` (:func:`truncate`) and install ``U_hat P_r1``, ``diag(d[:r1])``,
         ``V_hat Q_r1``, the state following the bases.
 
         ``basis``: the step's old bases ``U``, ``V`` and new directions ``Q_U``, ``Q_V`` (``U_hat = [U, Q_U]``, the K
-        and L state in the coordinates of ``V`` and ``U``); ``None`` at the end of an augmented cycle, where the layer
-        holds ``U_hat``, ``V_hat`` and the K and L state is in their coordinates.
+        and L state in the coordinates of ``V`` and ``U``; ``k = 1``); ``None`` at the end of a cycle of ``steps``
+        S-steps, where the layer holds ``U_hat``, ``V_hat`` and the K and L state is in their coordinates.
         """
-        p, d, q = truncate(s_hat, layer.tau, layer.r_min, layer.r_max)
+        start = self.state[layer.S].pop("cycle_start", None)
+        rank = None
+        if basis is None and self.rank_test == "per-step" and steps > 1:
+            rank = cycle_rank(s_hat, start, steps, layer.tau)
+        # grow=False: never more than the rank the step or cycle started from (clusters then cut downwards).
+        r_max = layer.r_max if layer.grow else min(layer.r_max, basis.u.shape[1] if basis is not None else start[0])
+        p, d, q = truncate(s_hat, layer.tau, min(layer.r_min, r_max), r_max, rank)
         _change_basis(self.state[layer.S], p.T, q)
         if basis is None:
             u_new, v_new, u_change, v_change = layer.U.data @ p, layer.V.data @ q, p, q
@@ -655,9 +727,7 @@ class DLRT(torch.optim.Optimizer):
             v_new = torch.addmm(basis.v_extra @ q[r_v:], basis.v, q[:r_v])
             u_change, v_change = p[:r_u], q[:r_v]
         s_new = torch.diag(d)
-        # Every ORTHONORMALITY_CHECK_INTERVAL-th step (fixed-bases) or cycle (augmented; the same for k = 1).
-        count = self._steps // self.basis_interval if self.schedule == "augmented" else self._steps
-        if count % ORTHONORMALITY_CHECK_INTERVAL == 0:
+        if self._truncations % ORTHONORMALITY_CHECK_INTERVAL == 0:
             u_new, s_new, v_new = restore_orthonormality(u_new, s_new, v_new)
         layer.set_factors(u_new, s_new, v_new)
         self._follow_bases(layer, v_change, u_change)
@@ -693,6 +763,11 @@ class Optimizers:
     def zero_grad(self, set_to_none: bool = True) -> None:
         for opt in self.members:
             opt.zero_grad(set_to_none)
+
+    def finish_cycle(self) -> None:
+        """:meth:`DLRT.finish_cycle` (the end of an epoch: truncated factors for evaluation and checkpoints)."""
+        if self.dlrt is not None:
+            self.dlrt.finish_cycle()
 
     def step(self, closure: Callable[[], Tensor]) -> Tensor:
         if self.dlrt is None:
@@ -730,7 +805,7 @@ def dlrt_optimizer(model: nn.Module, lr: float = 1e-3, method: str = "adam",
             (the fused kernel where the parameters allow) or ``torch.optim.SGD`` after ``method``, with ``lr``
             and DLRT's ``momentum`` and ``weight_decay``.
         dlrt_options: DLRT's other arguments (``momentum``, ``weight_decay``, ``integrator``, ``basis_state``,
-            ``basis_interval``, ``schedule``, ``new_coordinates``).
+            ``basis_interval``, ``rank_test``, ``new_coordinates``).
 
     ``step(closure)`` of the result runs the DLRT step, which evaluates the closure, then the other optimiser.
     """
@@ -760,8 +835,9 @@ def build_optimizer(model: nn.Module, settings: Any) -> Optimizers:
     """:func:`dlrt_optimizer` for ``model`` from a :class:`lowrank.engine.config.Settings`-like object.
 
     Uses ``settings.learning_rate``, ``optimizer`` (``"sgd"`` / ``"adam"``), ``momentum``,
-    ``weight_decay``, ``integrator``, ``basis_state`` and ``basis_interval``.
+    ``weight_decay``, ``integrator``, ``basis_state``, ``basis_interval``, ``rank_test`` and ``new_coordinates``.
     """
     return dlrt_optimizer(model, lr=settings.learning_rate, method=settings.optimizer, momentum=settings.momentum,
                           weight_decay=settings.weight_decay, integrator=settings.integrator,
-                          basis_state=settings.basis_state, basis_interval=settings.basis_interval)
+                          basis_state=settings.basis_state, basis_interval=settings.basis_interval,
+                          rank_test=settings.rank_test, new_coordinates=settings.new_coordinates)

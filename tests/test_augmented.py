@@ -1,6 +1,7 @@
-"""DLRT's augmented local iterations (``schedule="augmented"``) and Adam's per-coordinate step counts
-(``new_coordinates="per-coordinate"``), checked against references: hand-written cycles, ``torch.optim``'s SGD
-and Adam on ``S`` with the bases fixed, the state-mapping formulas, and runs that must agree bit for bit."""
+"""DLRT's augmented local iterations (``basis_interval = k``), their rank test and Adam's per-coordinate step
+counts (``new_coordinates="per-coordinate"``), checked against references: hand-written cycles, ``torch.optim``'s
+SGD and Adam on ``S`` with the bases fixed, the state-mapping formulas, and runs that must agree bit for bit.
+(``k = 1`` is checked against the textbook step in test_optim.)"""
 
 import io
 from copy import deepcopy
@@ -12,12 +13,13 @@ from torch.nn import functional as F
 from lowrank.conv import DynamicalLowRankConv2d
 from lowrank.layers import Dense, DynamicalLowRank
 from lowrank.network import NeuralNetwork, effective_weight
-from lowrank.optim import DLRT, _change_basis, _pad_state, augmented_basis, dlrt_optimizer, truncate
+from lowrank import optim
+from lowrank.optim import (DLRT, _change_basis, _pad_state, augmented_basis, cycle_rank, dlrt_optimizer,
+                           tolerance_rank, truncate)
 from lowrank.torch_compat import adam_directions_per_coordinate
 
 torch.set_num_threads(1)
 
-AUGMENTED = {"schedule": "augmented"}
 # (DLRT arguments, the torch.optim optimiser of S with the same rule)
 RULES = {
     "sgd": ({"method": "sgd"}, lambda params, lr: torch.optim.SGD(params, lr=lr)),
@@ -82,7 +84,8 @@ def assert_same_run(layer_a, opt_a, layer_b, opt_b):
     for a, b in zip(factors(layer_a), factors(layer_b)):
         assert torch.equal(a, b)
     state_a, state_b = opt_a.state_dict(), opt_b.state_dict()
-    assert state_a["dlrt_steps"] == state_b["dlrt_steps"]
+    for key in ("dlrt_cycle_position", "dlrt_truncations"):
+        assert state_a[key] == state_b[key]
     assert state_a["state"].keys() == state_b["state"].keys()
     for key in state_a["state"]:
         entries_a, entries_b = state_a["state"][key], state_b["state"][key]
@@ -95,13 +98,14 @@ def assert_same_run(layer_a, opt_a, layer_b, opt_b):
 @pytest.mark.parametrize("integrator", ["kls", "single-pass"])
 @pytest.mark.parametrize("rule", ["sgd", "sgd-momentum-decay", "adam"])
 @pytest.mark.parametrize("new_coordinates", ["shared", "per-coordinate"])
-def test_with_k_1_the_augmented_schedule_is_today_s_step_bit_for_bit(integrator, rule, new_coordinates):
-    """k = 1: augmentation, S-step and truncation in one step, the same code path as the default schedule."""
+def test_with_k_1_the_rank_tests_agree_bit_for_bit(integrator, rule, new_coordinates):
+    """k = 1: augmentation, S-step and truncation in one step; the rank test of a cycle of one step is the plain
+    tolerance, so both rules run the same steps."""
     x, y = problem(dtype=torch.float32)
     runs = []
-    for schedule in ("fixed-bases", "augmented"):
+    for rank_test in ("per-step", "accumulated"):
         layer = make_layer(rank=3, tau=0.05, dtype=torch.float32)
-        opt = DLRT([layer], lr=0.05, integrator=integrator, schedule=schedule, new_coordinates=new_coordinates,
+        opt = DLRT([layer], lr=0.05, integrator=integrator, rank_test=rank_test, new_coordinates=new_coordinates,
                    **RULES[rule][0])
         for _ in range(9):  # crosses two orthonormality checks
             opt.step(closure_for(layer, opt, x, y))
@@ -121,7 +125,7 @@ def test_a_cycle_augments_takes_k_s_steps_on_the_fixed_augmented_bases_and_trunc
     u_hat = torch.cat([u, augmented_basis(u, g @ v)], 1)
     v_hat = torch.cat([v, augmented_basis(v, g.T @ u)], 1)
     s_hat = padded(s, u_hat.shape[1], v_hat.shape[1])
-    opt = DLRT([layer], lr=h, integrator=integrator, basis_interval=k, **AUGMENTED)
+    opt = DLRT([layer], lr=h, integrator=integrator, basis_interval=k, rank_test="accumulated")
     for step in range(k):
         s_hat = s_hat - h * u_hat.T @ loss_gradient(u_hat @ s_hat @ v_hat.T, x, y) @ v_hat
         opt.step(closure_for(layer, opt, x, y))
@@ -144,7 +148,7 @@ def test_the_augmentation_leaves_w_unchanged():
     layer = make_layer(rank=3, tau=0.1)
     w, h = effective_weight(layer), 0.1
     losses = []
-    opt = DLRT([layer], lr=h, integrator="kls", basis_interval=3, **AUGMENTED)
+    opt = DLRT([layer], lr=h, integrator="kls", basis_interval=3)
     opt.step(closure_for(layer, opt, x, y, losses))
     assert len(losses) == 2 and layer.rank > 3
     assert losses[1] == pytest.approx(losses[0], rel=1e-14)
@@ -163,7 +167,7 @@ def test_the_cycle_s_steps_are_torch_optim_on_s_with_the_bases_fixed(rule):
     x, y = problem()
     layer = make_layer(rank=3, tau=0.0)
     h, k, tolerance = 0.02, 4, 1e-12
-    opt = DLRT([layer], lr=h, integrator="single-pass", basis_interval=k, **AUGMENTED, **options)
+    opt = DLRT([layer], lr=h, integrator="single-pass", basis_interval=k, **options)
     closure = closure_for(layer, opt, x, y)
     for _ in range(k):
         opt.step(closure)
@@ -296,7 +300,7 @@ def test_a_state_dict_saved_mid_cycle_continues_the_same_trajectory_bit_for_bit(
     x, y = data
     k = 4
     layer = build(0, 4)
-    opt = DLRT([layer], lr=0.02, basis_interval=k, **AUGMENTED, **options)
+    opt = DLRT([layer], lr=0.02, basis_interval=k, **options)
     closure = closure_for(layer, opt, x, y)
     for _ in range(k):
         opt.step(closure)
@@ -312,7 +316,7 @@ def test_a_state_dict_saved_mid_cycle_continues_the_same_trajectory_bit_for_bit(
     saved = torch.load(buffer)
     resumed = build(1, 2)
     resumed.load_state_dict(saved["model"])
-    resumed_opt = DLRT([resumed], lr=0.02, basis_interval=k, **AUGMENTED, **options)
+    resumed_opt = DLRT([resumed], lr=0.02, basis_interval=k, **options)
     resumed_opt.load_state_dict(saved["optimizer"])
     for _ in range(7):
         resumed_opt.step(closure_for(resumed, resumed_opt, x, y))
@@ -330,7 +334,7 @@ def test_a_coordinate_added_by_the_augmentation_takes_an_adam_step_of_h_with_per
     layer = make_layer(rank=3, tau=0.1)
     h, k = 0.01, 5
     opt = DLRT([layer], lr=h, method="adam", integrator="single-pass", basis_interval=k,
-               new_coordinates=new_coordinates, **AUGMENTED)
+               new_coordinates=new_coordinates)
     closure = closure_for(layer, opt, x, y)
     for _ in range(40 * k):
         opt.step(closure)
@@ -410,7 +414,7 @@ def test_a_cycle_depends_on_w_and_the_data_not_on_the_factorisation(tau, batch, 
     twin = rotated(model, seed=3)
     weights = []
     for net in (model, twin):
-        opt = dlrt_optimizer(net, lr=0.1, integrator="single-pass", basis_interval=3, **AUGMENTED, **RULES[rule][0])
+        opt = dlrt_optimizer(net, lr=0.1, integrator="single-pass", basis_interval=3, **RULES[rule][0])
 
         def closure():
             opt.zero_grad()
@@ -444,7 +448,7 @@ def test_on_a_convolution_the_single_pass_cycle_is_the_kls_cycle():
             conv = DynamicalLowRankConv2d(3, 8, 3, 3, padding=1, tau=0.05)
         finally:
             torch.set_default_dtype(default)
-        opt = DLRT([conv], lr=0.02, method="adam", integrator=integrator, basis_interval=3, **AUGMENTED)
+        opt = DLRT([conv], lr=0.02, method="adam", integrator=integrator, basis_interval=3)
         for _ in range(7):
             opt.step(closure_for(conv, opt, x, y))
         layers.append(conv)
@@ -452,20 +456,146 @@ def test_on_a_convolution_the_single_pass_cycle_is_the_kls_cycle():
     torch.testing.assert_close(layers[1].weight_matrix(), layers[0].weight_matrix(), rtol=0, atol=1e-12)
 
 
-def test_fixed_rank_layers_take_the_same_steps_under_both_schedules():
-    x, y = problem(dtype=torch.float32)
+def test_a_fixed_rank_layer_takes_new_bases_on_the_first_step_of_a_cycle_and_s_steps_on_them_after():
+    """Fixed rank, k = 3: step 1 is the classic fixed-rank step (the same as with k = 1), steps 2 and 3 are
+    S <- S - h dL/dS with U and V unchanged, step 4 starts a new cycle with new bases."""
+    x, y = problem()
+    layer, classic = make_layer(rank=4, adaptive=False), make_layer(rank=4, adaptive=False)
+    h = 0.02
+    opt = DLRT([layer], lr=h, integrator="single-pass", basis_interval=3)
+    classic_opt = DLRT([classic], lr=h, integrator="single-pass")
+    opt.step(closure_for(layer, opt, x, y))
+    classic_opt.step(closure_for(classic, classic_opt, x, y))
+    assert all(torch.equal(a, b) for a, b in zip(factors(layer), factors(classic)))
+    for _ in range(2):
+        u, s, v = factors(layer)
+        expected = s - h * u.T @ loss_gradient(u @ s @ v.T, x, y) @ v
+        opt.step(closure_for(layer, opt, x, y))
+        assert torch.equal(layer.U.data, u) and torch.equal(layer.V.data, v)
+        torch.testing.assert_close(layer.S.data, expected, rtol=0, atol=1e-13)
+    u = layer.U.detach().clone()
+    opt.step(closure_for(layer, opt, x, y))
+    assert not torch.equal(layer.U.data, u)
+
+
+def test_the_rank_test_counts_the_new_block_as_one_step_s_worth():
+    """cycle_rank is the tolerance rank of S_hat with the new block divided by sqrt(j). An old block diag(4, 2)
+    and a new block of j = 16 steps of independent signs (+-h each, about sqrt(j) h per entry after j steps):
+    the plain tolerance keeps 4 of the noise directions, the per-step test none. A new direction whose singular
+    value divided by sqrt(j) still passes the tolerance (6.4 / 4 = 1.6 against tau ||S_hat|| ~ 0.95) is kept by
+    both; one of 1.6 (h on every step, coherently) only by the plain rule."""
+    gen = torch.Generator().manual_seed(0)
+    j, h, tau = 16, 0.1, 0.2
+    s_hat = torch.zeros(10, 10, dtype=torch.float64)
+    s_hat[0, 0], s_hat[1, 1] = 4.0, 2.0
+    noise = (torch.randint(0, 2, (j, 10, 10), generator=gen).double() * 2 - 1).sum(0) * h
+    noise[:2, :2] = 0
+    assert tolerance_rank(torch.linalg.svdvals(s_hat + noise).tolist(), tau) == 6
+    assert cycle_rank(s_hat + noise, (2, 2), j, tau) == 2
+    assert cycle_rank(s_hat + noise, (2, 2), 1, tau) == 6  # one step: the plain rule
+    for value, per_step in ((4 * j * h, 3), (j * h, 2)):
+        coherent = s_hat + noise / 4
+        coherent[2, 2] = value
+        assert tolerance_rank(torch.linalg.svdvals(coherent).tolist(), tau) == 3
+        assert cycle_rank(coherent, (2, 2), j, tau) == per_step
+    scaled = (s_hat + noise) / j**0.5
+    scaled[:2, :2] = s_hat[:2, :2]
+    assert cycle_rank(s_hat + noise, (2, 2), j, tau) == tolerance_rank(torch.linalg.svdvals(scaled).tolist(), tau)
+
+
+@pytest.mark.parametrize("rank_test", ["per-step", "accumulated"])
+def test_the_end_of_a_cycle_keeps_s_hat_s_leading_triplets_at_the_tested_rank(rank_test, monkeypatch):
+    """Adam, k = 5: the truncation at the end of the second cycle installs U_hat P_r1 diag(d[:r1]) Q_r1^T V_hat^T
+    with (P, d, Q) the SVD of that cycle's S_hat itself, and r1 the rank test's count (per-step: cycle_rank of
+    S_hat, its new block starting at the cycle's starting rank; accumulated: the plain tolerance), clamped and
+    with clusters kept whole."""
+    x, y = problem()
+    layer = make_layer(rank=3, tau=0.1)
+    k = 5
+    opt = DLRT([layer], lr=0.01, method="adam", integrator="single-pass", basis_interval=k, rank_test=rank_test)
+    closure = closure_for(layer, opt, x, y)
+    for _ in range(k + 1):
+        opt.step(closure)
+    start = tuple(opt.state[layer.S]["cycle_start"])
+    assert start == (3, 3) or layer.rank > 3
+    calls = []
+    original = optim.truncate
+
+    def recording_truncate(s_hat, tau, r_min, r_max, rank=None):
+        calls.append((s_hat.clone(), rank))
+        return original(s_hat, tau, r_min, r_max, rank)
+
+    monkeypatch.setattr(optim, "truncate", recording_truncate)
+    for _ in range(k - 2):
+        opt.step(closure)
+    assert not calls
+    u_hat, v_hat = layer.U.detach().clone(), layer.V.detach().clone()
+    opt.step(closure)  # the k-th S-step of the cycle and the truncation
+    (s_hat, rank), = calls
+    assert "cycle_start" not in opt.state[layer.S]
+    if rank_test == "per-step":
+        assert rank == cycle_rank(s_hat, start, k, layer.tau)
+    else:
+        assert rank is None
+    p, d, qt = torch.linalg.svd(s_hat)
+    r1 = optim.truncated_rank(d, layer.tau, layer.r_min, layer.r_max, optim.CLUSTER_RTOL, rank)
+    assert layer.rank == r1
+    expected = u_hat @ p[:, :r1] @ torch.diag(d[:r1]) @ qt[:r1] @ v_hat.T
+    torch.testing.assert_close(effective_weight(layer), expected, rtol=0, atol=1e-12)
+
+
+def test_finish_cycle_ends_a_cycle_early_as_a_shorter_cycle_would():
+    """finish_cycle after 2 of k = 5 steps truncates with the rank test of 2 steps: the same run as k = 2 for that
+    cycle; the next step augments again. Between cycles it does nothing."""
+    x, y = problem()
     runs = []
-    for schedule in ("fixed-bases", "augmented"):
-        layer = make_layer(rank=4, adaptive=False, dtype=torch.float32)
-        opt = DLRT([layer], lr=0.02, method="adam", integrator="single-pass", basis_interval=3, schedule=schedule)
-        for _ in range(8):
-            opt.step(closure_for(layer, opt, x, y))
-        runs.append((layer, opt))
-    assert_same_run(*runs[0], *runs[1])
+    for k in (5, 2):
+        layer = make_layer(rank=3, tau=0.1)
+        opt = DLRT([layer], lr=0.01, method="adam", integrator="single-pass", basis_interval=k)
+        closure = closure_for(layer, opt, x, y)
+        for _ in range(2):
+            opt.step(closure)
+        assert opt.mid_cycle == (k == 5)
+        opt.finish_cycle()
+        assert not opt.mid_cycle and "cycle_start" not in opt.state[layer.S]
+        before = factors(layer)
+        opt.finish_cycle()
+        assert all(torch.equal(a, b) for a, b in zip(before, factors(layer)))
+        runs.append((layer, opt, before))
+    (layer_a, opt_a, before_a), (layer_b, opt_b, before_b) = runs
+    assert all(torch.equal(a, b) for a, b in zip(before_a, before_b))
+    for layer, opt in ((layer_a, opt_a), (layer_b, opt_b)):
+        rank = layer.rank
+        opt.step(closure_for(layer, opt, x, y))
+        assert layer.rank > rank  # a new cycle: the augmented factors
+    assert all(torch.equal(a, b) for a, b in zip(factors(layer_a), factors(layer_b)))
 
 
-@pytest.mark.parametrize("kwargs, message", [({"schedule": "every-step"}, "schedule"),
+@pytest.mark.parametrize("kwargs, message", [({"rank_test": "every-step"}, "rank_test"),
                                              ({"new_coordinates": "fresh"}, "new_coordinates")])
-def test_unknown_schedules_and_step_count_rules_are_rejected(kwargs, message):
+def test_unknown_rank_tests_and_step_count_rules_are_rejected(kwargs, message):
     with pytest.raises(ValueError, match=message):
         DLRT([make_layer()], **kwargs)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_without_growth_the_rank_never_rises_above_the_rank_a_step_or_cycle_started_from(k):
+    """grow=False (the DLRT authors' LeNet5 rule): at tau = 0 a growing layer doubles its rank, one without growth
+    keeps it; the rank falls when the tolerance allows and then stays at or below every earlier rank."""
+    x, y = problem()
+    ranks = {}
+    for grow in (True, False):
+        layer = make_layer(rank=3, tau=0.0, grow=grow)
+        opt = DLRT([layer], lr=0.05, method="adam", integrator="single-pass", basis_interval=k)
+        for _ in range(k):
+            opt.step(closure_for(layer, opt, x, y))
+        ranks[grow] = layer.rank
+    assert ranks[True] > 3 and ranks[False] == 3
+    layer = make_layer(rank=12, tau=0.3, grow=False)
+    opt = DLRT([layer], lr=0.05, method="adam", integrator="single-pass", basis_interval=k)
+    history = []
+    for _ in range(8 * k):
+        opt.step(closure_for(layer, opt, x, y))
+        if not opt.mid_cycle:
+            history.append(layer.rank)
+    assert history[-1] < 12 and all(a >= b for a, b in zip(history, history[1:]))

@@ -94,11 +94,22 @@ def test_no_gradient_is_recorded_without_grad_mode():
     assert layer.sink.k_grad is None
 
 
-@pytest.mark.parametrize("init", ["kaiming", "spectral", "spectral-ones"])
+@pytest.mark.parametrize("init", ["kaiming", "spectral", "spectral-ones", "sorted-normal"])
 def test_factor_bases_are_orthonormal(init):
     u, s, v = initial_factors(50, 30, 8, init)
     torch.testing.assert_close(u.T @ u, torch.eye(8), atol=1e-5, rtol=0)
     torch.testing.assert_close(v.T @ v, torch.eye(8), atol=1e-5, rtol=0)
+
+
+def test_the_sorted_normal_start_is_a_decreasing_diagonal_of_absolute_gaussians():
+    """The DLRT authors' LeNet5 start: S = diag(|z|) for z ~ N(0, I_r), sorted in decreasing order."""
+    torch.manual_seed(3)
+    _, s, _ = initial_factors(50, 30, 8, "sorted-normal")
+    d = torch.diagonal(s)
+    assert torch.equal(s, torch.diag(d)) and (d >= 0).all() and torch.equal(d, d.sort(descending=True).values)
+    torch.manual_seed(0)
+    samples = torch.cat([torch.diagonal(initial_factors(20, 20, 20, "sorted-normal")[1]) for _ in range(200)])
+    assert float(samples.mean()) == pytest.approx((2 / torch.pi) ** 0.5, rel=0.05)  # E|z| for z ~ N(0, 1)
 
 
 def test_kaiming_factors_have_distinct_singular_values_and_the_dense_frobenius_norm():

@@ -51,7 +51,7 @@ from pathlib import Path
 
 from lowrank import __version__
 from lowrank.choices import (ACTIVATIONS, BASIS_STATES, DENSE_INITS, DYNAMICAL_INIT_SCALE, FACTORIZATIONS, INITS,
-                             INTEGRATORS, LAYER_TYPES, OPTIMIZERS)
+                             INTEGRATORS, LAYER_TYPES, NEW_COORDINATES, OPTIMIZERS, RANK_TESTS)
 
 #: The environment variable that names the results cache (:func:`default_results_dir`).
 RESULTS_ENV = "LOWRANK_RESULTS"
@@ -114,8 +114,14 @@ class Settings:
         "project", "DLRT optimiser state when bases change: project = carry Adam's moments to the new bases; "
                    "reset = drop them every step", choices=BASIS_STATES)
     basis_interval: int = option(
-        1, "DLRT: augment and truncate the bases on every k-th step only, S-steps on the fixed bases between; "
-           "1 = the classic step", min=1)
+        1, "DLRT: cycles of k steps (augmented local iterations): augment the bases on the first, S-steps on the "
+           "augmented bases, truncate after the k-th; 1 = the classic step", min=1)
+    rank_test: str = option(
+        "per-step", "DLRT: the rank kept at the end of a cycle; per-step = the new block counted as one step's "
+                    "(divided by sqrt(k)); accumulated = as it is", choices=RANK_TESTS)
+    new_coordinates: str = option(
+        "shared", "DLRT with adam: the step count of the coefficients S; shared = one per tensor (torch.optim); "
+                  "per-coordinate = one per coefficient, 0 for those the augmentation adds", choices=NEW_COORDINATES)
     factor_decay: float = option(
         0.0, "L2 on the factors of lowrank layers: (lambda/2)(||U||² + ||S||² + ||V||²) added to the loss", min=0)
     frobenius_decay: float = option(
@@ -171,6 +177,8 @@ class LayerConfig:
     r_max: int | None = option(None, "largest rank, 1..min(dims); default min(dims)", min=1, types=("dynamical",))
     r_min: int = option(1, "smallest rank after truncation, 1..r_max", min=1, types=("dynamical",))
     adaptive: bool = option(True, "augment and truncate (rank-adaptive) or keep the rank fixed", types=("dynamical",))
+    grow: bool = option(True, "the truncation may keep more than the rank its step or cycle started from; false = "
+                              "never (the DLRT authors' LeNet5 code)", types=("dynamical",))
     kernel_size: int | None = option(
         None, "a k x k convolution (lowrank.conv) with dims = [in_channels, out_channels] and the matrix "
               "W of (in_channels k k) x out_channels; unset: a linear layer", min=1, convolution=True)

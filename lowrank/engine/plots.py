@@ -215,6 +215,25 @@ def rank_curves(results: Sequence) -> Figure:
     return fig
 
 
+def ranks_against_dense(dynamical: dict[str, Sequence], dense: dict[str, pd.DataFrame],
+                        layers: Sequence[int] = (0, 1)) -> Figure:
+    """Each hidden layer's rank per epoch: DLRT models (``{label: seeds}``, the mean over the seeds with their range
+    shaded, solid) against the tau-rank of dense weights (``{label: table}`` with columns ``epoch`` and
+    ``rank_<layer>``, dashed); the i-th entries of the two dicts share a colour (the same initial scale)."""
+    fig, axes = _panels(len(layers))
+    for ax, layer in zip(axes, layers):
+        for i, (name, members) in enumerate(dynamical.items()):
+            _band(ax, members, f"rank_{layer}", f"C{i % 10}", label=f"DLRT, {name}")
+        for i, (name, table) in enumerate(dense.items()):
+            ax.plot(table["epoch"], table[f"rank_{layer}"], linestyle="--", marker=".", color=f"C{i % 10}",
+                    label=f"dense tau-rank, {name}")
+        ax.set(xlabel="epoch", ylabel="rank", title=f"layer {layer}", yscale="log")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    _legend_below(fig, axes[0], columns=2)
+    return fig
+
+
 def sweep(results: Sequence, values: Sequence[float], xlabel: str, logx: bool = False) -> Figure:
     """Test accuracy, parameters and training time against a swept hyper-parameter (one value per model, in the
     figure's order; means over the seeds, the range of the accuracy as an error bar)."""

@@ -407,6 +407,12 @@ def _train_epoch(world: distributed.World, model, optimizer, batches, device, co
         count += len(y)
         if not getattr(batches, "disable", True):
             batches.set_postfix(loss=f"{loss:.4f}", ranks=",".join(map(str, model.ranks())), refresh=False)
+    # A DLRT cycle (basis_interval > 1) ends with the epoch: evaluation, ranks and checkpoints see truncated factors.
+    _synchronize(device)
+    step_start = time.perf_counter()
+    optimizer.finish_cycle()
+    _synchronize(device)
+    step_seconds += time.perf_counter() - step_start
     epoch_seconds = time.perf_counter() - start
     if hasattr(batches, "close"):
         batches.close()

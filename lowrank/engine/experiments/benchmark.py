@@ -25,8 +25,9 @@ layer is :class:`~lowrank.layers.Dense` (as in the report's configs). Variants:
                                 so the timed work does not drift with the rank (random data would make the rank
                                 of a ``tau`` criterion meaningless). In training, a ``tau`` that keeps the rank
                                 near ``r`` costs the same per step.
-``dlrt-adaptive/<integrator>/every-<k>``  the same with ``basis_interval = k``: a full step every ``k``-th step and
-                                S-steps on the fixed bases in between (:class:`~lowrank.optim.DLRT`).
+``dlrt-adaptive/<integrator>/every-<k>``  the same with ``basis_interval = k``: cycles of augmented local
+                                iterations (augment on the first step, S-steps on the augmented bases, truncate
+                                after the ``k``-th; :class:`~lowrank.optim.DLRT`).
 
 Every model gets its optimisers from :func:`lowrank.optim.build_optimizer`, as in training: ``torch.optim.Adam``
 (learning rate ``1e-3``) for the ordinary parameters (all of them for dense and vanilla; the biases and the
@@ -37,8 +38,8 @@ A *step* is ``optimizer.step(closure)`` on one synthetic batch of MNIST's shape 
 random labels), where the closure zeroes the gradients, runs the forward pass and the cross-entropy loss
 and calls ``backward()``: forward, backward and the whole update (for DLRT the K-, L-, S-steps, the
 truncation and, with ``kls``, the second pass). No data loading is timed. An ``every-<k>`` model is stepped
-a whole cycle at a time (one full step and ``k - 1`` S-steps) and every figure of it is per step, the cycle's
-over ``k``: its amortised cost.
+a whole cycle at a time (``k`` steps, from the augmentation to the truncation) and every figure of it is per
+step, the cycle's over ``k``: its amortised cost.
 
 Protocol, for each group of ``(threads, batch, width)``: ``torch.set_num_threads(threads)``; every model of the
 group is built (dense once, then the low-rank variants for each rank); ``warmup`` rounds, then ``reps`` timed

@@ -1,0 +1,85 @@
+"""What decides the rank of a dynamical low-rank network (figure p): tables and verdicts over a grid of runs.
+
+The figure trains figure (a)'s network over initial scales ``c``, learning rates ``h`` and datasets, and reads
+three things from the results:
+
+- the *scale spread* of each (dataset, learning rate): for every hidden layer, the largest over the smallest of
+  the final ranks of the scales (each the mean over the seeds); the criterion of the report is that it stays
+  within :data:`SCALE_SPREAD_BOUND` and that no run ends at ``r_max``;
+- the *tau-rank* of a dense network's weights, ``min r`` with ``||sigma[r:]|| <= tau ||sigma||``
+  (:func:`lowrank.optim.tolerance_rank`, the rank DLRT's truncation would give that matrix), after every
+  epoch, from the singular values a ``track_layers`` run stores;
+- whether a run reaches ``r_max`` at any epoch.
+
+Model names follow ``"<dataset> lr=<h> scale=<c>"`` (:func:`grid_name`), with a suffix for the variants.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pandas as pd
+
+from lowrank.engine import summary
+from lowrank.optim import tolerance_rank
+
+#: The report's bound on the scale spread: final ranks of the initial scales within this factor of each other.
+SCALE_SPREAD_BOUND = 1.5
+
+
+def grid_name(dataset: str, learning_rate: float, scale: float, suffix: str = "") -> str:
+    """The model name of one grid point, e.g. ``"mnist lr=0.001 scale=0.2"`` (``suffix`` appended after a space)."""
+    return f"{dataset} lr={learning_rate:g} scale={scale:g}" + (f" {suffix}" if suffix else "")
+
+
+def mean_ranks(stats: dict) -> list[float]:
+    """Each hidden layer's final rank, the mean over the seeds of :func:`summary.seed_statistics`."""
+    return [sum(column) / len(column) for column in zip(*stats["ranks"])]
+
+
+def scale_spread(stats: Sequence[dict]) -> float:
+    """The largest, over the hidden layers, of (largest / smallest) mean final rank among ``stats`` (one per
+    initial scale)."""
+    layers = zip(*(mean_ranks(s) for s in stats))
+    return max(max(ranks) / min(ranks) for ranks in layers)
+
+
+def reaches_r_max(members: Sequence, r_max: int) -> bool:
+    """Whether any seed of a model holds a hidden layer at ``r_max`` after any epoch."""
+    return any((member.history[summary.hidden_rank_columns(member.history)] >= r_max).any().any()
+               for member in members)
+
+
+def scale_table(groups: dict[str, Sequence], datasets: Sequence[str], rates: Sequence[float],
+                scales: Sequence[float], r_max: int, suffix: str = "") -> pd.DataFrame:
+    """One row per (dataset, learning rate): each scale's mean final ranks per hidden layer and test accuracy,
+    the scale spread (:func:`scale_spread`), whether a run reached ``r_max`` (:func:`reaches_r_max`) and the
+    verdict ``"met"`` when the spread is at most :data:`SCALE_SPREAD_BOUND` and no run reached ``r_max``."""
+    rows = []
+    for dataset in datasets:
+        for rate in rates:
+            names = [grid_name(dataset, rate, scale, suffix) for scale in scales]
+            stats = [summary.seed_statistics(groups[name]) for name in names]
+            spread = scale_spread(stats)
+            capped = any(reaches_r_max(groups[name], r_max) for name in names)
+            row = {"dataset": dataset, "learning rate": rate}
+            for scale, s in zip(scales, stats):
+                row[f"ranks, scale {scale:g}"] = ", ".join(f"{rank:.0f}" for rank in mean_ranks(s))
+                row[f"accuracy (%), scale {scale:g}"] = round(s["test_accuracy"], 2)
+            row.update({"scale spread": round(spread, 2), "reached r_max": "yes" if capped else "no",
+                        "criterion": "met" if spread <= SCALE_SPREAD_BOUND and not capped else "missed"})
+            rows.append(row)
+    return pd.DataFrame(rows).set_index(["dataset", "learning rate"])
+
+
+def dense_tau_ranks(result, tau: float, layers: Sequence[int] = (0, 1)) -> pd.DataFrame:
+    """The tau-rank of each of ``layers``' weights of a dense run after every epoch, from its stored singular
+    values (``result.spectra``: columns epoch, layer, index, value). Columns ``epoch`` and ``rank_<layer>``."""
+    if result.spectra is None:
+        raise ValueError(f"{result.config.name} stored no spectra: train it with track_layers = true")
+    table = {}
+    for (epoch, layer), values in result.spectra.groupby(["epoch", "layer"]):
+        if layer in layers:
+            ordered = values.sort_values("index")["value"].tolist()
+            table.setdefault(int(epoch), {})[f"rank_{layer}"] = tolerance_rank(sorted(ordered, reverse=True), tau)
+    return pd.DataFrame([{"epoch": epoch, **ranks} for epoch, ranks in sorted(table.items())])
