@@ -114,7 +114,7 @@ class Settings:
         "project", "DLRT optimiser state when bases change: project = carry Adam's moments to the new bases; "
                    "reset = drop them every step", choices=BASIS_STATES)
     basis_interval: int = option(
-        1, "DLRT: cycles of k steps (augmented local iterations): augment the bases on the first, S-steps on the "
+        5, "DLRT: cycles of k steps (augmented local iterations): augment the bases on the first, S-steps on the "
            "augmented bases, truncate after the k-th; 1 = the classic step", min=1)
     rank_test: str = option(
         "per-step", "DLRT: the rank kept at the end of a cycle; per-step = the new block counted as one step's "

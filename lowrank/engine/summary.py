@@ -352,9 +352,12 @@ def basis_interval_table(stats: dict[str, dict], models: dict[int, str], dense: 
 
 
 def largest_equivalent_interval(table: pd.DataFrame) -> int:
-    """The largest ``k`` of a :func:`basis_interval_table` whose accuracy is not below ``k = 1``'s beyond the seed
-    spread (1 if no other ``k`` is): the report's default cycle length. Its ranks may differ from ``k = 1``'s."""
-    return int(table[table["vs k=1"] != "below"].index.max())
+    """The largest ``k`` of a :func:`basis_interval_table` up to which no ``k`` is below ``k = 1``'s accuracy beyond
+    the seed spread (1 if the next ``k`` already is): the report's default cycle length. A longer ``k`` that
+    passes after a shorter one failed does not count, since the accuracy is not expected to recover with ``k``.
+    The ranks may differ from ``k = 1``'s."""
+    below = table.index[table["vs k=1"] == "below"]
+    return int(table.index[table.index < below.min()].max()) if len(below) else int(table.index.max())
 
 
 def max_rank(layer: cfg.LayerConfig) -> int:
