@@ -117,3 +117,16 @@ def test_a_full_table_shows_every_row_where_pandas_would_elide_them():
     full = FullTable(table)
     assert not any(marker in full._repr_html_() or marker in repr(full) for marker in ELISION_MARKERS)
     assert full._repr_html_().count("<td>") == 100 and len(repr(full).splitlines()) == 101  # a header and 100 rows
+
+
+def test_the_report_s_default_cycle_length_is_the_one_figure_m_chose():
+    """Figure (m) decides the report's default ``basis_interval`` from its data (the longest cycle up to which every
+    length is as accurate as k = 1); the default of ``[settings]`` must be that choice."""
+    from lowrank.engine.config import Settings
+
+    notebook = nbformat.read(ROOT / "book" / "figures" / "fig_m.ipynb", as_version=4)
+    chosen = [output["data"]["application/papermill.record/text/plain"] for cell in notebook.cells for output in cell.get("outputs", [])
+              if output.get("metadata", {}).get("scrapbook", {}).get("name") == "fig_m_largest_k"]
+    assert len(chosen) == 1, "fig_m.ipynb glues no fig_m_largest_k: run `make report`"
+    assert int(chosen[0]) == Settings().basis_interval, (
+        f"figure (m) chose k = {chosen[0]}, but Settings.basis_interval defaults to {Settings().basis_interval}")

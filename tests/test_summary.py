@@ -174,6 +174,9 @@ def test_the_published_comparison_marks_what_lies_within_one_standard_deviation(
     assert list(table["difference (points)"]) == [-0.06, -0.45]
     assert table.loc["a", "ranks"] == "[6]" and table.loc["a", "published (%)"] == "98.16 ± 0.26"
     assert list(table["ranks against published"]) == ["lower", "-"]  # 6 against 10; no published ranks
+    assert list(table["ranks within 1.5x"]) == ["no", "-"]  # 10 > 1.5 x 6
+    close = summary.published_comparison(results, {"a": (98.16, 0.26, [9]), "b": (97.45, 0.3, [7])})
+    assert list(close["ranks within 1.5x"]) == ["yes", "no"]  # 9 <= 1.5 x 6; 7 > 1.5 x 4
     assert summary.target_verdict(table, ["a"]).text == "met" and summary.target_verdict(table, ["a", "b"]).text == "missed"
 
 
@@ -208,3 +211,13 @@ def test_names_that_hold_commas_are_listed_with_semicolons():
     assert repr(summary.names_text(["a", "b", "c"])) == "a, b and c"
     assert repr(summary.names_text(["wd 0.01", "wd 0.02", "wd 0.01, lr 0.2"])) == "wd 0.01; wd 0.02 and wd 0.01, lr 0.2"
     assert repr(summary.names_text([])) == "none"
+
+
+def test_the_last_rank_change_is_the_last_epoch_whose_ranks_differ_from_the_epoch_before():
+    history = pd.DataFrame({"epoch": [0, 1, 2, 3, 4], "rank_0": [64, 40, 38, 38, 38], "rank_1": [64, 50, 50, 49, 49],
+                            "rank_2": [10, 10, 10, 10, 10]})
+    assert summary.last_rank_change(SimpleNamespace(history=history)) == 3
+    history["rank_1"] = [64, 50, 50, 50, 50]
+    assert summary.last_rank_change(SimpleNamespace(history=history)) == 2
+    history["rank_0"] = history["rank_1"] = 64
+    assert summary.last_rank_change(SimpleNamespace(history=history)) == 0

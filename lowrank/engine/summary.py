@@ -182,6 +182,14 @@ def epochs_at_max_rank(result) -> int:
                    for _, row in rows.iterrows()))
 
 
+def last_rank_change(result) -> int:
+    """The last epoch of ``result`` after which some hidden layer's rank differs from the epoch before (0: never)."""
+    ranks = result.history[hidden_rank_columns(result.history)]
+    changed = (ranks.diff().iloc[1:] != 0).any(axis=1)
+    epochs = result.history["epoch"].iloc[1:][changed.to_numpy()]
+    return int(epochs.max()) if len(epochs) else 0
+
+
 def glue_rank_limits(key: str, result) -> None:
     """Glue ``{key}_initial_ranks`` (the hidden ranks of the untrained network) and ``{key}_max_ranks``
     (:func:`max_rank` of each hidden layer)."""
@@ -384,11 +392,15 @@ def tau_sweep_values(results, prefix: str, reference: str = "dynamical tau=0.05"
     }
 
 
+#: Our rank of a layer matches a published one when the larger is at most this factor times the smaller.
+RANK_MATCH_FACTOR = 1.5
+
+
 def published_comparison(results, published: dict[str, tuple[float, float, list[int] | None]]) -> pd.DataFrame:
     """Our models against a paper's: one row per model named in ``published`` (``{name: (mean accuracy %, its
     standard deviation over the paper's runs, the paper's ranks or None)}``), with our test accuracy and final
-    ranks of the factorised layers, the difference, and whether ours lies within the published mean ± one
-    standard deviation."""
+    ranks of the factorised layers, the difference, whether ours lies within the published mean ± one
+    standard deviation, and whether every layer's rank is within :data:`RANK_MATCH_FACTOR` of the published one."""
     ours = {r.config.name: r for r in results}
     rows = []
     for name, (mean, std, ranks) in published.items():
@@ -400,7 +412,9 @@ def published_comparison(results, published: dict[str, tuple[float, float, list[
                      "published (%)": f"{mean:.2f} ± {std:.2f}", "published ranks": str(ranks) if ranks else "dense",
                      "difference (points)": round(accuracy - mean, 2) + 0.0,
                      "within the published spread": "yes" if abs(accuracy - mean) <= std else "no",
-                     "ranks against published": _rank_comparison(factorised, ranks)})
+                     "ranks against published": _rank_comparison(factorised, ranks),
+                     "ranks within 1.5x": "-" if not ranks else "yes" if all(
+                         max(a, b) <= RANK_MATCH_FACTOR * min(a, b) for a, b in zip(factorised, ranks)) else "no"})
     return pd.DataFrame(rows).set_index("model")
 
 

@@ -83,3 +83,20 @@ def dense_tau_ranks(result, tau: float, layers: Sequence[int] = (0, 1)) -> pd.Da
             ordered = values.sort_values("index")["value"].tolist()
             table.setdefault(int(epoch), {})[f"rank_{layer}"] = tolerance_rank(sorted(ordered, reverse=True), tau)
     return pd.DataFrame([{"epoch": epoch, **ranks} for epoch, ranks in sorted(table.items())])
+
+
+def factor_spreads(stats: dict[str, dict], datasets: Sequence[str], rates: Sequence[float],
+                   scales: Sequence[float]) -> dict[str, float]:
+    """How far each factor of the grid moves the final ranks: for ``"initial scale"``, ``"learning rate"`` and
+    ``"dataset"``, the largest :func:`scale_spread` over the groups of grid points that differ in that factor
+    only (``stats``: :func:`summary.seed_statistics` by model name, :func:`grid_name`)."""
+    points = [(d, h, c) for d in datasets for h in rates for c in scales]
+    factors = {"dataset": 0, "learning rate": 1, "initial scale": 2}
+    spreads = {}
+    for factor, position in factors.items():
+        groups: dict[tuple, list[dict]] = {}
+        for point in points:
+            rest = point[:position] + point[position + 1:]
+            groups.setdefault(rest, []).append(stats[grid_name(*point)])
+        spreads[factor] = max(scale_spread(group) for group in groups.values())
+    return spreads
