@@ -53,3 +53,13 @@ def make_result():
     ``make_result(name, seed, accuracy per epoch, first hidden rank per epoch, seconds)``; ``name`` starts with
     ``dense``, ``vanilla`` or ``dynamical``."""
     return _result
+
+
+def rotation_tolerance(dtype: torch.dtype) -> float:
+    """How far W may drift, relative to its norm, between DLRT runs of two factorisations of the same W over a few
+    steps or cycles: the rounding of a step (``eps`` of ``dtype``) as a truncation amplifies it. A cut between
+    singular values at least ``CLUSTER_RTOL`` = 1 % apart moves the kept singular vectors by rounding / gap, up
+    to 100 times the rounding; the rounding of the ``2r x 2r`` decomposition grows like ``sqrt(2r)`` (16 at the
+    ranks of these tests); three truncations in a row add up: ``100 * 16 * 6 ~ 1e4`` eps. Set from that estimate,
+    not from measured errors (float32: 1.2e-3, whose worst seen case was 3.3e-4; float64: 2.2e-12)."""
+    return 1e4 * torch.finfo(dtype).eps
