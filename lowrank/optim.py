@@ -463,9 +463,23 @@ class DLRT(torch.optim.Optimizer):
             raise ValueError(f"Invalid rank_test: {rank_test!r}; allowed: {RANK_TESTS}")
         if new_coordinates not in NEW_COORDINATES:
             raise ValueError(f"Invalid new_coordinates: {new_coordinates!r}; allowed: {NEW_COORDINATES}")
+        if isinstance(layers, nn.Module):
+            raise TypeError(f"DLRT takes a model's dynamical layers, not the model ({type(layers).__name__}): pass "
+                            "lowrank.dynamical_layers(model), or use lowrank.dlrt_optimizer(model), which also "
+                            "builds the optimiser of the other parameters")
         self.layers = list(layers)
         if not self.layers:
-            raise ValueError("DLRT got an empty list of layers")
+            raise ValueError("DLRT got an empty list of layers: a model without dynamical layers needs no DLRT (convert "
+                             "it with lowrank.convert(model, rank=..., tau=...) first)")
+        strangers = sorted({type(layer).__name__ for layer in self.layers if not isinstance(layer, DynamicalLowRank)})
+        if strangers:
+            raise TypeError(f"DLRT trains DynamicalLowRank layers (and their convolutions), got {', '.join(strangers)}: "
+                            "pass lowrank.dynamical_layers(model), not model.parameters(); the other parameters "
+                            "belong to a torch.optim optimiser (lowrank.dlrt_optimizer(model) pairs the two)")
+        frozen = [layer for layer in self.layers if not all(p.requires_grad for p in (layer.U, layer.S, layer.V))]
+        if frozen:
+            raise ValueError(f"{frozen[0]} has factors with requires_grad=False: DLRT cannot train a frozen layer; "
+                             "leave it out of the layers (or unfreeze it)")
         defaults = dict(lr=lr, method=method, momentum=momentum, betas=betas, eps=eps, weight_decay=weight_decay)
         super().__init__([{"params": [layer.U, layer.S, layer.V]} for layer in self.layers], defaults)
         self.integrator = integrator
@@ -517,11 +531,15 @@ class DLRT(torch.optim.Optimizer):
             layer.sink.active = basis_step  # an S-step on fixed bases reads S.grad only
         try:
             with torch.enable_grad():
-                # Detached, so the graph (which records the factors' shapes) is freed before ranks change.
-                return closure().detach()
+                loss = closure()
         finally:
             for layer in self.layers:
                 layer.sink.active = True
+        if not isinstance(loss, Tensor):
+            raise TypeError(f"the closure returned {type(loss).__name__}: it must call loss.backward() and return the "
+                            "loss tensor (DLRT reports it and, with integrator='kls', calls the closure twice)")
+        # Detached, so the graph (which records the factors' shapes) is freed before ranks change.
+        return loss.detach()
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
@@ -548,7 +566,7 @@ class DLRT(torch.optim.Optimizer):
         gradients = []
         for layer, group in pairs:
             if layer.sink.k_grad is None:
-                raise RuntimeError(f"no gradient for {layer}: call backward() (or pass a closure) before step()")
+                raise _no_gradient(layer)
             k_grad, l_grad, decay = layer.sink.k_grad, layer.sink.l_grad, group["weight_decay"]
             if decay:
                 k_grad = k_grad + decay * (layer.U.data @ layer.S.data)
@@ -588,7 +606,7 @@ class DLRT(torch.optim.Optimizer):
         gradients = []
         for layer, group in zip(self.layers, self.param_groups):
             if layer.S.grad is None:
-                raise RuntimeError(f"no gradient for {layer}: call backward() (or pass a closure) before step()")
+                raise _no_gradient(layer)
             s_grad = layer.S.grad
             if group["weight_decay"]:
                 s_grad = s_grad + group["weight_decay"] * layer.S.data
@@ -745,6 +763,14 @@ class DLRT(torch.optim.Optimizer):
         _change_basis(self.state[layer.V], None, u_change)
 
 
+def _no_gradient(layer: DynamicalLowRank) -> RuntimeError:
+    """The error of a step that finds no gradient for ``layer``: frozen factors, or no backward pass."""
+    if not all(p.requires_grad for p in (layer.U, layer.S, layer.V)):
+        return RuntimeError(f"{layer} has factors with requires_grad=False: DLRT cannot train a frozen layer; leave "
+                            "it out of DLRT's layers (or unfreeze it)")
+    return RuntimeError(f"no gradient for {layer}: call loss.backward() before step(), or pass a closure that does")
+
+
 class Optimizers:
     """A ``torch.optim`` optimiser for ordinary parameters paired with :class:`DLRT` for dynamical layers.
 
@@ -808,7 +834,18 @@ def dlrt_optimizer(model: nn.Module, lr: float = 1e-3, method: str = "adam",
             ``basis_interval``, ``rank_test``, ``new_coordinates``).
 
     ``step(closure)`` of the result runs the DLRT step, which evaluates the closure, then the other optimiser.
+    A model without dynamical layers is an error (convert it first, or use a ``torch.optim`` optimiser).
     """
+    if not dynamical_layers(model):
+        raise ValueError(f"{type(model).__name__} has no dynamical low-rank layers, so DLRT has nothing to train: "
+                         "convert it first (lowrank.convert(model, rank=..., tau=...)) or use a torch.optim optimiser")
+    return _paired(model, lr, method, ordinary, **dlrt_options)
+
+
+def _paired(model: nn.Module, lr: float, method: str,
+            ordinary: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None,
+            **dlrt_options) -> Optimizers:
+    """:class:`DLRT` for ``model``'s dynamical layers (none: no DLRT) and ``ordinary`` for the other parameters."""
     layers = dynamical_layers(model)
     factors = {id(p) for layer in layers for p in (layer.U, layer.S, layer.V)}
     rest = [p for p in model.parameters() if id(p) not in factors and p.requires_grad]
@@ -832,12 +869,14 @@ def _default_optimizer(lr: float, method: str, momentum: float, weight_decay: fl
 
 
 def build_optimizer(model: nn.Module, settings: Any) -> Optimizers:
-    """:func:`dlrt_optimizer` for ``model`` from a :class:`lowrank.engine.config.Settings`-like object.
+    """:func:`dlrt_optimizer` for ``model`` from a :class:`lowrank.engine.config.Settings`-like object; a model
+    without dynamical layers (a dense or vanilla low-rank network of a configuration) gets the ordinary optimiser
+    alone.
 
     Uses ``settings.learning_rate``, ``optimizer`` (``"sgd"`` / ``"adam"``), ``momentum``,
     ``weight_decay``, ``integrator``, ``basis_state``, ``basis_interval``, ``rank_test`` and ``new_coordinates``.
     """
-    return dlrt_optimizer(model, lr=settings.learning_rate, method=settings.optimizer, momentum=settings.momentum,
-                          weight_decay=settings.weight_decay, integrator=settings.integrator,
-                          basis_state=settings.basis_state, basis_interval=settings.basis_interval,
-                          rank_test=settings.rank_test, new_coordinates=settings.new_coordinates)
+    return _paired(model, lr=settings.learning_rate, method=settings.optimizer, momentum=settings.momentum,
+                   weight_decay=settings.weight_decay, integrator=settings.integrator,
+                   basis_state=settings.basis_state, basis_interval=settings.basis_interval,
+                   rank_test=settings.rank_test, new_coordinates=settings.new_coordinates)

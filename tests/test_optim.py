@@ -16,6 +16,7 @@ from lowrank.optim import (
     GRAM_MIN_RATIO,
     augmented_basis,
     build_optimizer,
+    dlrt_optimizer,
     gram_truncation,
     restore_orthonormality,
     robust_svd,
@@ -496,3 +497,34 @@ def test_basis_interval_must_be_a_positive_integer():
     for bad in (0, 2.5):
         with pytest.raises(ValueError, match="basis_interval"):
             DLRT([make_layer()], basis_interval=bad)
+
+
+def test_mistakes_a_new_user_makes_get_errors_that_say_what_to_do():
+    """A model, or model.parameters(), instead of the dynamical layers; a frozen layer; a closure that returns
+    nothing; dlrt_optimizer on a model without dynamical layers (build_optimizer still pairs nothing for a dense
+    configuration)."""
+    net = NeuralNetwork([DynamicalLowRank(30, 16, 4), Dense(16, 5)], ["relu", "identity"])
+    with pytest.raises(TypeError, match=r"not the model \(NeuralNetwork\).*lowrank.dynamical_layers\(model\)"):
+        DLRT(net)
+    with pytest.raises(TypeError, match=r"got Parameter: pass lowrank.dynamical_layers\(model\), not model.parameters"):
+        DLRT(net.parameters())
+    frozen = make_layer()
+    frozen.S.requires_grad_(False)
+    with pytest.raises(ValueError, match="requires_grad=False: DLRT cannot train a frozen layer"):
+        DLRT([frozen])
+    layer = make_layer()
+    opt = DLRT([layer], lr=0.01)
+    layer.U.requires_grad_(False)
+    with pytest.raises(RuntimeError, match="frozen layer"):
+        opt.step(lambda: layer(torch.randn(4, 30)).sum())
+    layer.U.requires_grad_(True)
+    x = torch.randn(4, 30)
+    with pytest.raises(TypeError, match="the closure returned NoneType: it must call loss.backward"):
+        opt.step(lambda: layer(x).sum().backward())
+    dense = NeuralNetwork([Dense(30, 16), Dense(16, 5)], ["relu", "identity"])
+    with pytest.raises(ValueError, match=r"NeuralNetwork has no dynamical low-rank layers.*lowrank.convert"):
+        dlrt_optimizer(dense)
+    settings = SimpleNamespace(learning_rate=0.01, optimizer="adam", momentum=0.0, weight_decay=0.0, integrator="kls",
+                               basis_state="project", basis_interval=1, rank_test="per-step", new_coordinates="shared")
+    paired = build_optimizer(dense, settings)
+    assert paired.dlrt is None and isinstance(paired.ordinary, torch.optim.Adam)
