@@ -556,6 +556,8 @@ class DLRT(torch.optim.Optimizer):
             if ending:
                 self._end_cycle(steps=self.basis_interval)
         self._position = 0 if ending else self._position + 1
+        for layer in self.layers:  # the batch's activations and gradients: not kept (copy.deepcopy, memory)
+            layer.sink.clear()
         return loss
 
     def _start_cycle(self, closure: Callable[[], Tensor] | None, truncating: bool) -> None:

@@ -528,3 +528,24 @@ def test_mistakes_a_new_user_makes_get_errors_that_say_what_to_do():
                                basis_state="project", basis_interval=1, rank_test="per-step", new_coordinates="shared")
     paired = build_optimizer(dense, settings)
     assert paired.dlrt is None and isinstance(paired.ordinary, torch.optim.Adam)
+
+
+@pytest.mark.parametrize("integrator", ["kls", "single-pass"])
+def test_after_a_step_the_layers_hold_no_batch_and_the_model_deep_copies(integrator):
+    """The gradient sinks (G V, G^T U, and the single-pass activations) are emptied by the step: copy.deepcopy of the
+    model works and holds no tensors of the last batch."""
+    net = NeuralNetwork([DynamicalLowRank(30, 16, 4), Dense(16, 5)], ["relu", "identity"])
+    opt = dlrt_optimizer(net, lr=0.01, integrator=integrator)
+    x, labels = torch.randn(8, 30), torch.randint(0, 5, (8,))
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(net(x), labels)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    sink = net.layers[0].sink
+    assert sink.k_grad is None and sink.l_grad is None and not sink.inputs and not sink.output_grads
+    copy = deepcopy(net)
+    torch.testing.assert_close(copy(x), net(x))
