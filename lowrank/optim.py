@@ -402,23 +402,46 @@ class _Bases:
 
 
 class DLRT(torch.optim.Optimizer):
-    """Dynamical low-rank training of :class:`~lowrank.layers.DynamicalLowRank` layers.
+    """Dynamical low-rank training (DLRT) of :class:`~lowrank.layers.DynamicalLowRank` layers ``W = U S V^T``.
+
+    One step, for the loss gradient ``G = dL/dW`` (never formed) and the step size ``h``: the K-step
+    ``K = U S - h D_K`` and L-step ``L = V S^T - h D_L`` (``D_K``, ``D_L`` the update directions of ``G V`` and
+    ``G^T U``) give new bases, rank-adaptive ``U_hat = [U, orth((I - U U^T) D_K)]`` (up to ``2r`` columns; ``V_hat``
+    alike) with ``S_hat = [[S, 0], [0, 0]]``, which leaves ``W`` unchanged; the S-step
+    ``S_hat <- S_hat - h D_S`` with ``D_S`` the update direction of ``U_hat^T G V_hat``; and the truncation
+    ``S_hat = P diag(d) Q^T``, keeping the smallest rank ``r1`` with ``||d[r1:]|| <= tau ||d||`` (clamped to
+    ``[r_min, r_max]``): ``U = U_hat P_r1``, ``S = diag(d[:r1])``, ``V = V_hat Q_r1``. A fixed-rank layer takes
+    ``U_hat = orth(K)``, ``V_hat = orth(L)`` and no truncation. ``help(lowrank.optim)`` derives the step and its
+    costs.
 
     Args:
-        layers: the dynamical layers to train (their ``U``, ``S``, ``V``; biases belong to another optimiser).
+        layers: the dynamical layers to train, ``lowrank.dynamical_layers(model)`` (their ``U``, ``S``, ``V``;
+            biases and every other parameter belong to a ``torch.optim`` optimiser, which
+            ``lowrank.dlrt_optimizer(model)`` pairs with this one).
         lr: the step size ``h``.
-        method: ``"sgd"`` or ``"adam"``, the update applied to the K, L and S gradients.
+        method: ``"sgd"`` or ``"adam"``, the update that turns the K, L and S gradients into directions ``D``.
         momentum: SGD momentum, ``0 <= momentum < 1``.
         betas, eps: Adam's coefficients.
-        weight_decay: ``lambda >= 0``, decay of ``W`` (see module docstring).
-        integrator: ``"kls"`` or ``"single-pass"`` (module docstring).
-        basis_state: ``"project"`` or ``"reset"``, what happens to the optimiser state when bases change.
-        basis_interval: ``k >= 1``, the length of a cycle of augmented local iterations (module docstring): the
-            K- and L-steps and the augmentation on step 1 of every ``k``, S-steps on the augmented bases, the
-            truncation after the S-step of step ``k``. ``k = 1`` is the classic step.
-        rank_test: ``"per-step"`` or ``"accumulated"``, how the truncation at the end of a cycle picks the rank
-            (module docstring); the same for ``k = 1``.
-        new_coordinates: ``"shared"`` or ``"per-coordinate"``, Adam's step count of ``S`` (module docstring).
+        weight_decay: ``lambda >= 0``, decay of ``W``: adds ``lambda K``, ``lambda L`` and ``lambda S_hat`` to the
+            three gradients.
+        integrator: ``"kls"`` (the S-step gradient from a second forward and backward pass on the new factors;
+            the closure is called twice) or ``"single-pass"`` (from the first pass: the same step for rank-adaptive
+            layers, since ``U_hat S_hat V_hat^T = U S V^T``).
+        basis_state: ``"project"`` (the optimiser's moments are carried to the new bases: ``m <- M m N^T`` and the
+            second moments with the squares of the same matrices) or ``"reset"`` (dropped at every new basis).
+        basis_interval: ``k >= 1``, the length of a cycle of augmented local iterations: the K- and L-steps and
+            the augmentation on step 1 of a cycle, the S-step on the fixed augmented bases at every step of it,
+            the truncation after step ``k``; no QR or SVD inside a cycle. ``k = 1`` is the step above. Inside a
+            cycle the layers hold the augmented factors; :meth:`finish_cycle` truncates at once.
+        rank_test: how the truncation at the end of a cycle of ``j`` steps picks ``r1``: ``"per-step"`` decides it
+            on ``S_hat`` with the coefficients that the cycle added to the new coordinates divided by
+            ``sqrt(j)`` (one step's worth; under Adam those coordinates move by about ``h`` a step whatever their
+            gradient, which without it lets the rank run away to ``r_max``), ``"accumulated"`` on ``S_hat`` as it
+            is. The two agree for ``k = 1``.
+        new_coordinates: Adam's step count of ``S``: ``"shared"`` (one per tensor, as ``torch.optim.Adam``; a
+            coordinate that the augmentation adds starts with zero moments but the shared count, so its first
+            step is about ``3.2 h``) or ``"per-coordinate"`` (a count per coefficient, 0 for new ones: first step
+            ``h``).
 
     ``step(closure)``: the closure clears gradients, evaluates the loss, calls ``backward()`` and returns the
     loss, as for ``torch.optim.LBFGS``. ``step`` calls it once (twice with ``"kls"``) and returns the loss of

@@ -112,11 +112,7 @@ def _exports() -> list[str]:
     return [name for name in lowrank.__all__ if name != "__version__"]
 
 
-OPTIMISER_PART = pytest.mark.xfail(strict=True, reason="lowrank.optim's docstrings: the optimiser part of issue 26")
-
-
-@pytest.mark.parametrize("name", [pytest.param(name, marks=OPTIMISER_PART) if name == "DLRT" else name
-                                  for name in _exports()])
+@pytest.mark.parametrize("name", _exports())
 def test_each_export_s_docstring_stands_alone_in_help(name):
     import lowrank
 
