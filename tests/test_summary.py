@@ -119,7 +119,7 @@ def test_basis_intervals_are_judged_against_k_1_and_against_dense():
     assert list(summary.basis_interval_table({**stats_of, "k=5": stats(97.75, 0.05, [[47, 50]], 10.0)},
                                              models, "dense")["target"])[2] == "missed"  # fast, but below k = 1
     assert list(table["vs dense (points)"]) == [-0.1, -0.15, -0.25, -0.15]  # signed: negative is below dense
-    assert table.loc[1, "ranks"] == "[47, 50] and [48, 50]" and table.loc[1, "train s"] == "50.0 s"
+    assert table.loc[1, "ranks"] == "[47-48, 50]" and table.loc[1, "train s"] == "50.0 s"
     assert summary.largest_equivalent_interval(table) == 2  # k = 10 passes again, after k = 5 failed
     table.loc[5, "vs k=1"] = "within the seed spread of"
     assert summary.largest_equivalent_interval(table) == 10  # different ranks do not exclude k = 10

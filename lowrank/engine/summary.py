@@ -331,7 +331,8 @@ def basis_interval_table(stats: dict[str, dict], models: dict[int, str], dense: 
     """Each cycle length ``k`` of ``models`` (``{k: model name}``, ``k = 1`` among them) judged against ``k = 1``
     and against ``dense``, from :func:`seed_statistics` of every model (``stats``). One row per ``k``:
 
-    - ``test accuracy (%)``, ``spread``, ``ranks`` (each seed's), ``train s`` (mean over the seeds, as :class:`Seconds` prints it);
+    - ``test accuracy (%)``, ``spread``, ``ranks`` (each layer's range over the seeds, :func:`rank_ranges_text`),
+      ``train s`` (mean over the seeds, as :class:`Seconds` prints it);
     - ``vs k=1``: :func:`compare` of the accuracies; ``ranks vs k=1``: ``"differ"`` when :func:`ranks_differ`;
     - ``vs dense (points)``: this accuracy minus dense's (negative: below dense); ``time / dense``: training
       time over dense's;
@@ -349,7 +350,7 @@ def basis_interval_table(stats: dict[str, dict], models: dict[int, str], dense: 
         below = versus_k1 == "below"
         rows.append({
             "k": k, "test accuracy (%)": round(model["test_accuracy"], 2), "spread": round(model["spread"], 2),
-            "ranks": seed_ranks_text(model),
+            "ranks": rank_ranges_text(model),
             "train s": str(Seconds(model["seconds"])),
             "vs k=1": versus_k1,
             "ranks vs k=1": "differ" if ranks_differ(model, baseline) else "do not differ",
@@ -416,6 +417,32 @@ def published_comparison(results, published: dict[str, tuple[float, float, list[
                      "ranks within 1.5x": "-" if not ranks else "yes" if all(
                          max(a, b) <= RANK_MATCH_FACTOR * min(a, b) for a, b in zip(factorised, ranks)) else "no"})
     return pd.DataFrame(rows).set_index("model")
+
+
+def reproduction_values(prefix: str, table: pd.DataFrame, verdict_key: str) -> dict[str, object]:
+    """What a :func:`published_comparison` decides, to glue: per model ``{prefix}_{slug}_within`` (``"within"`` /
+    ``"outside"`` the published band) and ``{prefix}_{slug}_ranks_vs_published``, and ``verdict_key``:
+    ``"reproduce"`` when every model is within its band and every layer within :data:`RANK_MATCH_FACTOR` of the
+    published rank, else ``"do not reproduce"``."""
+    values: dict[str, object] = {}
+    for name, row in table.iterrows():
+        values[f"{prefix}_{slug(name)}_within"] = Text("within" if row["within the published spread"] == "yes"
+                                                       else "outside")
+        values[f"{prefix}_{slug(name)}_ranks_vs_published"] = Text(row["ranks against published"])
+    reproduced = (table["within the published spread"] == "yes").all() and (table["ranks within 1.5x"] == "yes").all()
+    values[verdict_key] = Text("reproduce" if reproduced else "do not reproduce")
+    return values
+
+
+def time_ratios_text(stats: dict[str, dict], names, reference: str = "dense") -> Text:
+    """The training time of each of ``names`` over ``reference``'s (:func:`time_ratio`), as ``"1.34, 1.20 and 0.90"``."""
+    return names_text(f"{time_ratio(stats, name, reference):.2f}" for name in names)
+
+
+def ranks_at_epoch(result, epoch: int) -> list[int]:
+    """The hidden layers' ranks of ``result`` after ``epoch``."""
+    row = result.history[result.history["epoch"] == epoch].iloc[0]
+    return [int(row[column]) for column in hidden_rank_columns(result.history)]
 
 
 def _rank_comparison(ours: list[int], published: list[int] | None) -> str:

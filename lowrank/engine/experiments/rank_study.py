@@ -100,3 +100,87 @@ def factor_spreads(stats: dict[str, dict], datasets: Sequence[str], rates: Seque
             groups.setdefault(rest, []).append(stats[grid_name(*point)])
         spreads[factor] = max(scale_spread(group) for group in groups.values())
     return spreads
+
+
+# The grid of figure (p) and the names of its controls (notebooks/configs/fig_p.toml).
+DATASETS = ("mnist", "fashion-mnist")
+RATES = (0.0003, 0.001, 0.003)
+SCALES = (1.0, 0.2, 0.05)
+CONTROL_RATE = 0.001
+
+
+def sgd_name(scale: float) -> str:
+    return f"mnist sgd lr=0.01 scale={scale:g}"
+
+
+def tau_name(tau: float) -> str:
+    return f"mnist lr={CONTROL_RATE:g} scale=0.2 tau={tau:g}"
+
+
+def dense_name(scale: float) -> str:
+    return f"mnist lr={CONTROL_RATE:g} dense scale={scale:g}"
+
+
+def _reach(reached: bool) -> summary.Text:
+    return summary.Text("reach" if reached else "do not reach")
+
+
+def grid_values(prefix: str, groups: dict[str, Sequence], r_max: int) -> tuple[pd.DataFrame, dict[str, object]]:
+    """The grid's :func:`scale_table` and what the text glues from it: ``{prefix}_seeds``, ``_bound``, ``_grid_met``
+    (``"6 of 6"``), ``_grid_largest_spread``, ``_grid_reached``, each factor's :func:`factor_spreads` as
+    ``_<factor>_moves`` and ``_largest_factor``."""
+    stats = {name: summary.seed_statistics(members) for name, members in groups.items()}
+    grid = scale_table(groups, DATASETS, RATES, SCALES, r_max)
+    spreads = factor_spreads(stats, DATASETS, RATES, SCALES)
+    values: dict[str, object] = {
+        f"{prefix}_seeds": next(iter(stats.values()))["seeds"], f"{prefix}_bound": SCALE_SPREAD_BOUND,
+        f"{prefix}_grid_met": summary.Text(f"{int((grid['criterion'] == 'met').sum())} of {len(grid)}"),
+        f"{prefix}_grid_largest_spread": float(grid["scale spread"].max()),
+        f"{prefix}_grid_reached": summary.Text("no run" if (grid["reached r_max"] == "no").all() else "some runs"),
+        f"{prefix}_largest_factor": summary.Text(max(spreads, key=spreads.get)),
+    }
+    values.update({f"{prefix}_{summary.slug(factor)}_moves": round(spread, 2) for factor, spread in spreads.items()})
+    return grid, values
+
+
+def control_values(prefix: str, groups: dict[str, Sequence], r_max: int) -> tuple[pd.DataFrame, dict[str, object]]:
+    """The controls at the control learning rate: the classic step (``k=1``, both datasets) and the plain rank test
+    (``accumulated``, MNIST) as :func:`scale_table` rows, SGD's scale spread, and whether the rank falls as tau
+    rises. Glued: ``{prefix}_classic_spreads`` / ``_reached``, ``_plain_spreads`` / ``_reached``, ``_sgd_spread``
+    / ``_reached``, ``_tau_verdict``. Returns the classic step's table."""
+    stats = {name: summary.seed_statistics(members) for name, members in groups.items()}
+    classic = scale_table(groups, DATASETS, [CONTROL_RATE], SCALES, r_max, suffix="k=1")
+    plain = scale_table(groups, ["mnist"], [CONTROL_RATE], SCALES, r_max, suffix="accumulated")
+    values: dict[str, object] = {}
+    for key, table in (("classic", classic), ("plain", plain)):
+        values[f"{prefix}_{key}_spreads"] = summary.names_text(f"{s:.2f}" for s in table["scale spread"])
+        values[f"{prefix}_{key}_reached"] = _reach((table["reached r_max"] == "yes").any())
+    values[f"{prefix}_sgd_spread"] = round(scale_spread([stats[sgd_name(c)] for c in SCALES]), 2)
+    values[f"{prefix}_sgd_reached"] = _reach(any(reaches_r_max(groups[sgd_name(c)], r_max) for c in SCALES))
+    by_tau = [sum(mean_ranks(stats[name])) for name in
+              (tau_name(0.05), grid_name("mnist", CONTROL_RATE, 0.2), tau_name(0.2))]
+    values[f"{prefix}_tau_verdict"] = summary.Text("falls" if by_tau[0] > by_tau[1] > by_tau[2] else "does not fall")
+    return classic, values
+
+
+def dense_values(prefix: str, groups: dict[str, Sequence], tau: float
+                 ) -> tuple[dict[str, pd.DataFrame], dict[str, Sequence], dict[str, object]]:
+    """The dense networks' tau-ranks per epoch (:func:`dense_tau_ranks`, by ``"scale <c>"``), the DLRT runs of the
+    same scales at the control learning rate, and what the text glues: ``{prefix}_dense_<c>_start`` / ``_end``
+    (both hidden layers), ``_dense_spread`` (largest over smallest final tau-rank of a layer over the scales) and
+    ``_dense_over_dlrt`` (per scale, the larger over the layers of dense tau-rank over DLRT's mean rank)."""
+    dense = {f"scale {c:g}": dense_tau_ranks(groups[dense_name(c)][0], tau) for c in SCALES}
+    dynamical = {f"scale {c:g}": groups[grid_name("mnist", CONTROL_RATE, c)] for c in SCALES}
+    layers = ("rank_0", "rank_1")
+    values: dict[str, object] = {}
+    for c, table in zip(SCALES, dense.values()):
+        for when, row in (("start", 0), ("end", -1)):
+            values[f"{prefix}_dense_{summary.slug(f'{c:g}')}_{when}"] = summary.Text(
+                ", ".join(str(int(table[layer].iloc[row])) for layer in layers))
+    finals = [[float(table[layer].iloc[-1]) for layer in layers] for table in dense.values()]
+    values[f"{prefix}_dense_spread"] = round(max(max(f[i] for f in finals) / min(f[i] for f in finals)
+                                                 for i in range(len(layers))), 2)
+    ratios = [max(d / m for d, m in zip(final, mean_ranks(summary.seed_statistics(members))))
+              for final, members in zip(finals, dynamical.values())]
+    values[f"{prefix}_dense_over_dlrt"] = summary.names_text(f"{ratio:.1f}" for ratio in ratios)
+    return dense, dynamical, values
