@@ -43,7 +43,7 @@ def test_the_grid_table_meets_the_criterion_only_without_run_away_and_within_the
     assert list(table["criterion"]) == ["met", "missed"]
     assert list(table["reached r_max"]) == ["no", "yes"]
     assert table.loc[("mnist", 0.001), "scale spread"] == round(61 / 45, 2)  # layer 0: means 61, 51, 45
-    assert table.loc[("mnist", 0.001), "ranks, scale 0.05"] == "45, 45"
+    assert table.loc[("mnist", 0.001), "scale 0.05"] == "45, 45 (97.00 %)"
 
 
 def test_factor_spreads_vary_one_factor_at_a_time():

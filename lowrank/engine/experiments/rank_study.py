@@ -52,7 +52,8 @@ def reaches_r_max(members: Sequence, r_max: int) -> bool:
 
 def scale_table(groups: dict[str, Sequence], datasets: Sequence[str], rates: Sequence[float],
                 scales: Sequence[float], r_max: int, suffix: str = "") -> pd.DataFrame:
-    """One row per (dataset, learning rate): each scale's mean final ranks per hidden layer and test accuracy,
+    """One row per (dataset, learning rate): each scale's mean final ranks per hidden layer and test accuracy
+    (``"52, 51 (97.78 %)"``),
     the scale spread (:func:`scale_spread`), whether a run reached ``r_max`` (:func:`reaches_r_max`) and the
     verdict ``"met"`` when the spread is at most :data:`SCALE_SPREAD_BOUND` and no run reached ``r_max``."""
     rows = []
@@ -63,9 +64,9 @@ def scale_table(groups: dict[str, Sequence], datasets: Sequence[str], rates: Seq
             spread = scale_spread(stats)
             capped = any(reaches_r_max(groups[name], r_max) for name in names)
             row = {"dataset": dataset, "learning rate": rate}
-            for scale, s in zip(scales, stats):
-                row[f"ranks, scale {scale:g}"] = ", ".join(f"{rank:.0f}" for rank in mean_ranks(s))
-                row[f"accuracy (%), scale {scale:g}"] = round(s["test_accuracy"], 2)
+            for scale, s in zip(scales, stats):  # mean final ranks per hidden layer (test accuracy)
+                ranks = ", ".join(f"{rank:.0f}" for rank in mean_ranks(s))
+                row[f"scale {scale:g}"] = f"{ranks} ({s['test_accuracy']:.2f} %)"
             row.update({"scale spread": round(spread, 2), "reached r_max": "yes" if capped else "no",
                         "criterion": "met" if spread <= SCALE_SPREAD_BOUND and not capped else "missed"})
             rows.append(row)
