@@ -35,10 +35,11 @@ def least_squares(n_in=30, n_out=20, rank_of_target=4, samples=256, seed=0):
     return x, x @ w_star / n_in**0.5
 
 
-def mse_closure(layer, optimizer, x, y):
+def step_closure(model, optimizer, x, y, loss_of=F.mse_loss):
+    """The closure of one step: zero the gradients, ``loss_of(model(x), y)``, backward, return the loss."""
     def closure():
         optimizer.zero_grad()
-        loss = F.mse_loss(layer(x), y)
+        loss = loss_of(model(x), y)
         loss.backward()
         return loss
 
@@ -74,7 +75,7 @@ def test_bases_stay_orthonormal_over_many_steps():
     layer = make_layer(rank=5, tau=0.05)
     opt = DLRT([layer], lr=0.05, method="adam")
     for _ in range(200):
-        opt.step(mse_closure(layer, opt, x, y))
+        opt.step(step_closure(layer, opt, x, y))
     eye = torch.eye(layer.rank)
     torch.testing.assert_close(layer.U.T @ layer.U, eye, atol=1e-5, rtol=0)
     torch.testing.assert_close(layer.V.T @ layer.V, eye, atol=1e-5, rtol=0)
@@ -89,7 +90,7 @@ def test_rank_adaptive_sgd_step_is_the_projected_gradient_step():
     F.mse_loss(x @ w_grad, y).backward()
     h = 0.1
     opt = DLRT([layer], lr=h)
-    opt.step(mse_closure(layer, opt, x, y))
+    opt.step(step_closure(layer, opt, x, y))
 
     project_u, project_v = layer.U @ layer.U.T, layer.V @ layer.V.T
     torch.testing.assert_close(effective_weight(layer), project_u @ (w - h * w_grad.grad) @ project_v, atol=1e-5, rtol=1e-4)
@@ -104,7 +105,7 @@ def test_single_pass_integrator_matches_classic_kls_when_rank_adaptive():
     for layer, integrator in zip(layers, ("kls", "single-pass")):
         opt = DLRT([layer], lr=0.05, integrator=integrator)
         for _ in range(5):
-            opt.step(mse_closure(layer, opt, x, y))
+            opt.step(step_closure(layer, opt, x, y))
     assert layers[0].rank == layers[1].rank
     torch.testing.assert_close(effective_weight(layers[0]), effective_weight(layers[1]), atol=1e-5, rtol=1e-4)
 
@@ -114,7 +115,7 @@ def test_fixed_rank_step_decreases_least_squares_loss(integrator):
     x, y = least_squares(rank_of_target=4)
     layer = make_layer(rank=4, adaptive=False)
     opt = DLRT([layer], lr=0.2, integrator=integrator)
-    closure = mse_closure(layer, opt, x, y)
+    closure = step_closure(layer, opt, x, y)
     losses = [opt.step(closure).item() for _ in range(30)]
     assert layer.rank == 4
     assert all(b < a for a, b in zip(losses, losses[1:]))
@@ -128,7 +129,7 @@ def test_rank_grows_when_tau_is_small_and_shrinks_when_large():
         layer = make_layer(rank=start, tau=tau)
         opt = DLRT([layer], lr=0.05, method="adam")
         for _ in range(20):
-            opt.step(mse_closure(layer, opt, x, y))
+            opt.step(step_closure(layer, opt, x, y))
         ranks[tau] = layer.rank
     assert ranks[0.001] > 2
     assert ranks[0.5] < 15
@@ -141,7 +142,7 @@ def test_rank_respects_r_min_and_r_max():
     for layer in (low, high):
         opt = DLRT([layer], lr=0.05)
         for _ in range(5):
-            opt.step(mse_closure(layer, opt, x, y))
+            opt.step(step_closure(layer, opt, x, y))
     assert low.rank == 3
     assert high.rank == 5
 
@@ -152,7 +153,7 @@ def test_adam_state_follows_the_rank(basis_state):
     layer = make_layer(rank=3, tau=0.05)
     opt = DLRT([layer], lr=0.05, method="adam", basis_state=basis_state)
     for _ in range(10):
-        opt.step(mse_closure(layer, opt, x, y))
+        opt.step(step_closure(layer, opt, x, y))
     if basis_state == "reset":
         assert not opt.state
     else:
@@ -167,7 +168,7 @@ def test_weight_decay_shrinks_weights_without_gradient():
     opt = DLRT([layer], lr=0.1, weight_decay=0.5)
     x = torch.zeros(4, 30)
     before = torch.linalg.matrix_norm(effective_weight(layer)).item()
-    opt.step(mse_closure(layer, opt, x, torch.zeros(4, 20)))
+    opt.step(step_closure(layer, opt, x, torch.zeros(4, 20)))
     # The K and L steps only choose the bases (span(K) = span(U)); the S-step gives W <- (1 - h lambda) W.
     assert torch.linalg.matrix_norm(effective_weight(layer)).item() == pytest.approx(before * 0.95, rel=1e-4)
 
@@ -208,13 +209,7 @@ def test_build_optimizer_trains_a_mixed_network_and_restores_state():
                                new_coordinates="shared")
     opt = build_optimizer(net, settings)
     x, labels = torch.randn(64, 30), torch.randint(0, 5, (64,))
-
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(net(x), labels)
-        loss.backward()
-        return loss
-
+    closure = step_closure(net, opt, x, labels, F.cross_entropy)
     losses = [opt.step(closure).item() for _ in range(40)]
     assert losses[-1] < 0.7 * losses[0]
     restored = build_optimizer(net, settings)
@@ -315,7 +310,7 @@ def test_rank_adaptive_step_matches_the_textbook_step(integrator):
     layer = make_layer(rank=3, tau=0.1)
     expected = reference_adaptive_sgd_step(layer, x, y, h=0.1)
     opt = DLRT([layer], lr=0.1, integrator=integrator)
-    opt.step(mse_closure(layer, opt, x, y))
+    opt.step(step_closure(layer, opt, x, y))
     assert layer.rank == torch.linalg.matrix_rank(expected).item()
     torch.testing.assert_close(effective_weight(layer).double(), expected, atol=1e-5, rtol=1e-4)
 
@@ -360,7 +355,7 @@ def test_sgd_momentum_step_runs_and_keeps_state_shapes():
     x, y = least_squares()
     layer = make_layer(rank=3, tau=0.05)
     opt = DLRT([layer], lr=0.05, momentum=0.9, integrator="single-pass")
-    losses = [opt.step(mse_closure(layer, opt, x, y)).item() for _ in range(20)]
+    losses = [opt.step(step_closure(layer, opt, x, y)).item() for _ in range(20)]
     assert losses[-1] < losses[0]
     assert opt.state[layer.U]["momentum_buffer"].shape == layer.U.shape
     assert opt.state[layer.S]["momentum_buffer"].shape == layer.S.shape
@@ -452,7 +447,7 @@ def test_a_layer_started_below_the_rank_of_its_target_grows():
     x, y = least_squares(rank_of_target=8, samples=512)
     layer = make_layer(rank=2, tau=0.05)
     opt = DLRT([layer], lr=0.5)
-    losses = [opt.step(mse_closure(layer, opt, x, y)).item() for _ in range(150)]
+    losses = [opt.step(step_closure(layer, opt, x, y)).item() for _ in range(150)]
     assert layer.rank >= 6
     assert losses[-1] < 0.05 * losses[0]
 
@@ -466,7 +461,7 @@ def test_under_adam_a_small_start_grows_to_the_rank_of_its_target_and_a_kaiming_
     for init, scale in (("small", DYNAMICAL_INIT_SCALE), ("kaiming", 1.0)):
         layer = make_layer(rank=2, tau=0.05, init_scale=scale)
         opt = DLRT([layer], lr=3e-2, method="adam")
-        losses = [opt.step(mse_closure(layer, opt, x, y)).item() for _ in range(300)]
+        losses = [opt.step(step_closure(layer, opt, x, y)).item() for _ in range(300)]
         ranks[init] = layer.rank
         if init == "small":
             assert losses[-1] < 0.01 * losses[0]
@@ -479,16 +474,16 @@ def test_a_run_with_basis_interval_descends_and_resumes_from_its_state_dict(meth
     x, y = least_squares(rank_of_target=4)
     layer = make_layer(rank=6, tau=0.05)
     opt = DLRT([layer], lr=lr, method=method, basis_interval=4)
-    losses = [opt.step(mse_closure(layer, opt, x, y)).item() for _ in range(5)]
+    losses = [opt.step(step_closure(layer, opt, x, y)).item() for _ in range(5)]
     saved_layer, saved_opt = deepcopy(layer.state_dict()), deepcopy(opt.state_dict())
     for _ in range(6):
-        losses.append(opt.step(mse_closure(layer, opt, x, y)).item())
+        losses.append(opt.step(step_closure(layer, opt, x, y)).item())
     resumed = make_layer(rank=6, tau=0.05, seed=1)
     resumed.load_state_dict(saved_layer)
     resumed_opt = DLRT([resumed], lr=lr, method=method, basis_interval=4)
     resumed_opt.load_state_dict(saved_opt)
     for _ in range(6):
-        resumed_opt.step(mse_closure(resumed, resumed_opt, x, y))
+        resumed_opt.step(step_closure(resumed, resumed_opt, x, y))
     assert losses[-1] < 0.6 * losses[0]
     torch.testing.assert_close(effective_weight(resumed), effective_weight(layer), rtol=0, atol=0)
 
@@ -536,15 +531,8 @@ def test_after_a_step_the_layers_hold_no_batch_and_the_model_deep_copies(integra
     model works and holds no tensors of the last batch."""
     net = NeuralNetwork([DynamicalLowRank(30, 16, 4), Dense(16, 5)], ["relu", "identity"])
     opt = dlrt_optimizer(net, lr=0.01, integrator=integrator)
-    x, labels = torch.randn(8, 30), torch.randint(0, 5, (8,))
-
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(net(x), labels)
-        loss.backward()
-        return loss
-
-    opt.step(closure)
+    x = torch.randn(8, 30)
+    opt.step(step_closure(net, opt, x, torch.randint(0, 5, (8,)), F.cross_entropy))
     sink = net.layers[0].sink
     assert sink.k_grad is None and sink.l_grad is None and not sink.inputs and not sink.output_grads
     copy = deepcopy(net)
